@@ -1,0 +1,338 @@
+"""The Flask app: routes, the way a generation travels, and the one mapping of errors to statuses."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from flask import Blueprint, Flask, current_app, g, jsonify, make_response, redirect, request, url_for
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from config import Settings, load_settings
+from nanobanana_client import (
+    Generation,
+    NanoBananaClient,
+    NanoBananaError,
+    Task,
+    TaskStatus,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from params import InvalidParameter, parse_format, parse_generation, parse_user_id
+from store import MemoryStore, Store, TaskRecord
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+bp = Blueprint("nanobanana", __name__)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, stable code, plain message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+@dataclass
+class Service:
+    """What a generation request needs, created once per app."""
+
+    settings: Settings
+    client: NanoBananaClient
+    store: Store
+
+    def generate(self, generation: Generation, user_id: str | None, reset: bool, wait: float) -> TaskRecord:
+        """Submit, record, and wait up to `wait` seconds; a task still running is followed in the background."""
+        if not self.settings.configured:
+            raise ApiError(503, "not_configured", "This service has no API key yet. Its owner needs to set API_KEYS_1.")
+        if reset and user_id:
+            self.store.forget(user_id)
+        generation, used_previous = self._choose_images(generation, user_id)
+        task = self.client.submit(generation)
+        record = self.store.add_task(
+            TaskRecord(
+                task_id=task.task_id,
+                key_number=task.key_number,
+                user_id=user_id,
+                mode="image-to-image" if generation.image_urls else "text-to-image",
+                source_image_urls=generation.image_urls,
+                used_previous_image=used_previous,
+                created_at=time.time(),
+            )
+        )
+        status = self.client.wait(task, wait)
+        if status.done:
+            return self._complete(record.task_id, status)
+        threading.Thread(target=self._follow, args=(task,), name=f"follow-{task.task_id}", daemon=True).start()
+        return record
+
+    def refresh(self, record: TaskRecord) -> TaskRecord:
+        """Ask the upstream once (at most once per poll interval) about a task that is still pending."""
+        if record.state != "pending" or not self.store.claim_poll(record.task_id, self.settings.poll_interval):
+            return record
+        try:
+            status = self.client.status(Task(record.task_id, record.key_number, record.created_at))
+        except NanoBananaError as failure:
+            log.info("status of task %s unknown: %s", record.task_id, failure.message)
+            return record
+        return self._complete(record.task_id, status) if status.done else record
+
+    def _choose_images(self, generation: Generation, user_id: str | None) -> tuple[Generation, bool]:
+        """Explicit images first, else the user's remembered image, else none."""
+        if generation.image_urls or not user_id:
+            return generation, False
+        remembered = self.store.remembered_image(user_id)
+        if remembered is None:
+            return generation, False
+        return replace(generation, image_urls=(remembered.image_url,)), True
+
+    def _follow(self, task: Task) -> None:
+        """Go on polling a task whose caller stopped waiting, so its result is remembered when it comes."""
+        status = self.client.wait(task, self.settings.polling_window)
+        if status.done:
+            self._complete(task.task_id, status)
+
+    def _complete(self, task_id: str, status: TaskStatus) -> TaskRecord:
+        return self.store.complete_task(task_id, status.state, status.image_urls, status.error_message)
+
+
+def create_app(settings: Settings | None = None, *, session=None, store: Store | None = None) -> Flask:
+    """Build the app; tests pass their own settings and HTTP session."""
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+    client = NanoBananaClient(
+        settings.api_base,
+        settings.api_keys,
+        session=session,
+        poll_interval=settings.poll_interval,
+        poll_max_attempts=settings.poll_max_attempts,
+        connect_timeout=settings.connect_timeout,
+        submit_read_timeout=settings.submit_read_timeout,
+        poll_read_timeout=settings.poll_read_timeout,
+        credit_path=settings.credit_path,
+    )
+    store = store or MemoryStore(settings.history_ttl, settings.history_max_users)
+    app.extensions["nanobanana"] = Service(settings, client, store)
+    app.register_blueprint(bp)
+    app.register_error_handler(Exception, handle_error)
+    if not settings.configured:
+        log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
+    return app
+
+
+def service() -> Service:
+    return current_app.extensions["nanobanana"]
+
+
+# -- routes ----------------------------------------------------------------------------
+
+
+@bp.route("/nanobanana", methods=["GET", "POST"])
+def generate():
+    g.started = time.monotonic()
+    values = request_values()
+    g.response_format = parse_format(values)
+    wanted = parse_generation(values, service().settings.polling_window)
+    record = service().generate(wanted.generation, wanted.user_id, wanted.reset, wanted.wait)
+    return render_task(record, elapsed=time.monotonic() - g.started)
+
+
+@bp.get("/nanobanana/tasks/<task_id>")
+def task_status(task_id: str):
+    g.response_format = parse_format(request_values())
+    record = service().store.task(task_id)
+    if record is None:
+        raise ApiError(404, "not_found", "There is no task with this id here. Tasks are kept for 24 hours.")
+    record = service().refresh(record)
+    return render_task(record, elapsed=(record.completed_at or time.time()) - record.created_at)
+
+
+@bp.get("/nanobanana/history/<path:user_id>")
+def history(user_id: str):
+    user_id = checked_user_id(user_id)
+    remembered = service().store.remembered_image(user_id)
+    return {
+        "user_id": user_id,
+        "last_image_url": remembered.image_url if remembered else None,
+        "updated_at": iso8601(remembered.updated_at) if remembered else None,
+    }
+
+
+@bp.delete("/nanobanana/history/<path:user_id>")
+def forget_history(user_id: str):
+    user_id = checked_user_id(user_id)
+    service().store.forget(user_id)
+    return {"user_id": user_id, "cleared": True}
+
+
+@bp.get("/nanobanana/credits")
+def credits():
+    keys = service().client.credits()
+    return {"keys": [{"key": k.key, "credits": k.credits, "usable": k.usable} for k in keys]}
+
+
+@bp.get("/healthz")
+def healthz():
+    settings = service().settings
+    return {
+        "status": "ok",
+        "configured": settings.configured,
+        "api_keys": len(settings.api_keys),
+        "store": service().store.name,
+    }
+
+
+# -- reading requests ------------------------------------------------------------------
+
+
+def request_values() -> dict[str, list[str]]:
+    """Query string, form and JSON body merged into one mapping of names to lists of strings."""
+    values: dict[str, list[str]] = {}
+    sources = [request.args.to_dict(flat=False)]
+    if request.method == "POST":
+        sources.append(request.form.to_dict(flat=False))
+        sources.append(json_body_values())
+    for source in sources:
+        for name, items in source.items():
+            values.setdefault(name, []).extend(items)
+    return values
+
+
+def json_body_values() -> dict[str, list[str]]:
+    if not request.is_json:
+        return {}
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidParameter('The request body must be a JSON object, like {"prompt": "a red apple"}.')
+    return {name: _as_strings(value) for name, value in body.items() if value is not None}
+
+
+def _as_strings(value) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    return [str(item).lower() if isinstance(item, bool) else str(item) for item in items if item is not None]
+
+
+def checked_user_id(user_id: str) -> str:
+    checked = parse_user_id({"user_id": [user_id]})
+    if checked is None:
+        raise InvalidParameter("Please name the user, for example /nanobanana/history/alice.")
+    return checked
+
+
+# -- writing answers -------------------------------------------------------------------
+
+
+def render_task(record: TaskRecord, elapsed: float):
+    """The answer for a task: 200 with its pictures, 202 while pending, 502 when it failed."""
+    fmt = g.get("response_format", "json")
+    if record.state == "success":
+        if fmt == "redirect":
+            return redirect(record.image_urls[0], code=302)
+        if fmt == "text":
+            return text_response("\n".join(record.image_urls) + "\n", 200)
+        return jsonify(
+            status="success",
+            task_id=record.task_id,
+            mode=record.mode,
+            image_url=record.image_urls[0],
+            image_urls=list(record.image_urls),
+            source_image_urls=list(record.source_image_urls),
+            used_previous_image=record.used_previous_image,
+            user_id=record.user_id,
+            elapsed_seconds=round(elapsed, 2),
+        )
+    if record.state == "failed":
+        message = record.error_message or "The image could not be made."
+        if fmt == "text":
+            return text_response(message + "\n", 502)
+        body = {
+            "status": "failed",
+            "task_id": record.task_id,
+            "error": {"code": "generation_failed", "message": message},
+        }
+        return jsonify(body), 502
+    return render_pending(record, fmt)
+
+
+def render_pending(record: TaskRecord, fmt: str):
+    status_url = url_for("nanobanana.task_status", task_id=record.task_id, _external=True)
+    message = f"Your picture is still being made. It will be ready at {status_url} in a few seconds."
+    if fmt == "text":
+        response = text_response(message + "\n", 202)
+    else:
+        response = jsonify(status="pending", task_id=record.task_id, status_url=status_url, message=message)
+        response.status_code = 202
+    response.headers["Location"] = status_url
+    return response
+
+
+def text_response(text: str, status: int):
+    response = make_response(text, status)
+    response.mimetype = "text/plain"
+    return response
+
+
+def iso8601(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+# -- errors: the one place where exceptions become statuses ----------------------------
+
+HTTP_ERRORS = {
+    400: ("invalid_request", "The request could not be read. Please check its parameters and body."),
+    404: ("not_found", "There is nothing at this address. Try /nanobanana?prompt=a+red+apple"),
+    405: ("method_not_allowed", "This address does not take {method} requests. Use {allowed}."),
+    413: ("too_large", "The request body is larger than 1 MiB. Please send a shorter request."),
+}
+
+
+def handle_error(error: Exception):
+    api_error = to_api_error(error)
+    if g.get("response_format") == "text":
+        response = text_response(api_error.message + "\n", api_error.status)
+    else:
+        body = {"status": "error", "error": {"code": api_error.code, "message": api_error.message}}
+        response = jsonify(body)
+        response.status_code = api_error.status
+    response.headers.update(api_error.headers)
+    return response
+
+
+def to_api_error(error: Exception) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, InvalidParameter):
+        return ApiError(400, "invalid_request", error.message)
+    if isinstance(error, UpstreamRejected):
+        return ApiError(400, "invalid_request", error.message)
+    if isinstance(error, UpstreamUnavailable):
+        headers = {"Retry-After": str(round(error.retry_after))} if error.retry_after else {}
+        return ApiError(503, "upstream_unavailable", error.message, headers)
+    if isinstance(error, UpstreamError):
+        return ApiError(502, "upstream_error", error.message)
+    if isinstance(error, HTTPException):
+        return http_api_error(error)
+    log.exception("unexpected error", exc_info=error)
+    return ApiError(500, "internal_error", "Something went wrong on our side. Please try again in a minute.")
+
+
+def http_api_error(error: HTTPException) -> ApiError:
+    status = error.code or 500
+    code, message = HTTP_ERRORS.get(
+        status, ("invalid_request" if status < 500 else "internal_error", error.description)
+    )
+    if status == 405:
+        allowed = " or ".join(m for m in (error.valid_methods or []) if m not in ("HEAD", "OPTIONS")) or "GET"
+        message = message.format(method=request.method, allowed=allowed)
+    headers = {"Allow": ", ".join(error.valid_methods)} if status == 405 and error.valid_methods else {}
+    return ApiError(status, code, message, headers)

@@ -1,0 +1,128 @@
+"""Settings of the service, read once from the environment (and a `.env` file).
+
+`load_settings()` is the only place that reads `os.environ`. A bad value stops
+start-up with a `ConfigError` whose message names the variable and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dotenv import dotenv_values
+
+DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
+DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_keys: tuple[str, ...] = ()
+    api_base: str = DEFAULT_API_BASE
+    credit_path: str = DEFAULT_CREDIT_PATH
+    poll_interval: float = 2.0
+    poll_max_attempts: int = 30
+    port: int = 8000
+    web_concurrency: int = 1
+    history_ttl: int = 604800
+    history_max_users: int = 10000
+    connect_timeout: float = 5.0
+    submit_read_timeout: float = 30.0
+    poll_read_timeout: float = 10.0
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def polling_window(self) -> float:
+        """Seconds a request may wait for its picture: POLL_INTERVAL × POLL_MAX_ATTEMPTS."""
+        return self.poll_interval * self.poll_max_attempts
+
+    def __repr__(self) -> str:  # never print the keys themselves
+        return f"Settings(api_keys=<{len(self.api_keys)} keys>, api_base={self.api_base!r}, ...)"
+
+
+def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
+    """Build the settings from `environ` (default: the process environment) over a `.env` file."""
+    values: dict[str, str] = {}
+    if env_file and os.path.exists(env_file):
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    return _parse(values)
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    web_concurrency = _integer(env, "WEB_CONCURRENCY", 1, minimum=1)
+    if web_concurrency > 1:
+        raise ConfigError(
+            f"WEB_CONCURRENCY={web_concurrency}: more than one worker would split the in-memory "
+            "history between processes; set WEB_CONCURRENCY=1"
+        )
+    return Settings(
+        api_keys=_api_keys(env),
+        api_base=_url(env, "NANOBANANA_API_BASE", DEFAULT_API_BASE),
+        credit_path=_text(env, "NANOBANANA_CREDIT_PATH", DEFAULT_CREDIT_PATH),
+        poll_interval=_number(env, "POLL_INTERVAL", 2.0, minimum=0.01),
+        poll_max_attempts=_integer(env, "POLL_MAX_ATTEMPTS", 30, minimum=1),
+        port=_integer(env, "PORT", 8000, minimum=1, maximum=65535),
+        web_concurrency=web_concurrency,
+        history_ttl=_integer(env, "HISTORY_TTL", 604800, minimum=1),
+        history_max_users=_integer(env, "HISTORY_MAX_USERS", 10000, minimum=1),
+    )
+
+
+def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """API_KEYS_1, API_KEYS_2, … in the order of their number; blank ones are skipped."""
+    numbered = []
+    for name, value in env.items():
+        match = re.fullmatch(r"API_KEYS_(\d+)", name)
+        if match and value.strip():
+            numbered.append((int(match.group(1)), value.strip()))
+    return tuple(key for _, key in sorted(numbered))
+
+
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _text(env, name, default).rstrip("/")
+    if not re.match(r"https?://[^/\s]+", value):
+        raise ConfigError(f"{name}={value!r} is not a web address; use one like {default}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; use a value like {default}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be a number of at least {minimum}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number; use a value like {default}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}{upper}")
+    return value

@@ -1,0 +1,354 @@
+"""An offline emulator of the NanoBanana API, for the demo mode, the tests and the benchmarks.
+
+It speaks the upstream as UPSTREAM.md describes it: the three generate endpoints with their
+own field names, record-info, callbacks in both shapes, the credit endpoint, and placeholder
+pictures (SVG) that show the prompt and what an edit was made from.
+
+Behaviour is chosen per task by markers in the prompt:
+  [delay=S]          generation takes S seconds (default: --delay)
+  [fail]             the generation fails (successFlag 3)
+  [create-fail]      the task cannot be created (successFlag 2)
+  [flaky-polls=N]    the first N status polls of the task answer HTTP 500 with an HTML page
+  [submit-code=C]    the submission answers body code C with HTTP 200 (429, 455, 500, 501, ...)
+  [submit-http=C]    the submission answers HTTP C with a non-JSON page
+  [submit-hang=S]    the task is created, but the answer is held back S seconds
+  [callback=never|twice]   the callback is skipped, or delivered twice
+  [callback-delay=S] the callback comes S seconds after the result
+
+Run it alone:  python emulator.py --port 9000 --delay 3 --key demo-key=100 --key empty-key=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import heapq
+import html
+import json
+import re
+import textwrap
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import requests
+from flask import Flask, Response, jsonify, request
+
+BASE_RATIOS = {"1:1", "9:16", "16:9", "3:4", "4:3", "3:2", "2:3", "5:4", "4:5", "21:9"}
+RATIOS_2 = BASE_RATIOS | {"auto", "1:4", "4:1", "1:8", "8:1"}
+COLOURS = {
+    "red": "#d62828",
+    "blue": "#1d4ed8",
+    "green": "#2a9d8f",
+    "yellow": "#f4c430",
+    "orange": "#f77f00",
+    "purple": "#7b2cbf",
+    "pink": "#ff70a6",
+    "black": "#222222",
+    "white": "#f5f5f5",
+    "grey": "#8d99ae",
+}
+MARKER = re.compile(r"\[([a-z-]+)(?:=([^\]]*))?\]")
+
+
+@dataclass
+class EmulatedTask:
+    task_id: str
+    key: str
+    endpoint: str
+    params: dict
+    created: float
+    ready_at: float
+    flag_when_done: int  # 1 success, 2 not created, 3 failed
+    image_urls: list[str]
+    markers: dict[str, str]
+    polls: int = 0
+
+
+@dataclass
+class Upstream:
+    """The emulator's state: keys and their credits, tasks, and every call received."""
+
+    delay: float = 3.0
+    keys: dict[str, float] | None = None  # None: any key works, with unlimited credits
+    tasks: dict[str, EmulatedTask] = field(default_factory=dict)
+    calls: list[tuple[str, str, str | None]] = field(default_factory=list)  # (path, key, task id)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def polls_of(self, task_id: str) -> int:
+        with self.lock:
+            return sum(1 for path, _, tid in self.calls if path.endswith("record-info") and tid == task_id)
+
+    def submissions(self) -> list[tuple[str, str | None]]:
+        """(key, task id) of every submission received, in order."""
+        with self.lock:
+            return [(key, tid) for path, key, tid in self.calls if "/generate" in path]
+
+
+def create_emulator(upstream: Upstream | None = None) -> Flask:
+    upstream = upstream or Upstream()
+    callbacks = CallbackSender()
+    app = Flask("emulator")
+    app.extensions["upstream"] = upstream
+
+    def envelope(code: int, message: str, data=None, message_key: str = "msg"):
+        return jsonify({"code": code, message_key: message, "data": data})
+
+    def caller_key() -> str | None:
+        auth = request.headers.get("Authorization", "")
+        return auth[len("Bearer ") :].strip() if auth.startswith("Bearer ") else None
+
+    def key_problem(key: str | None, cost: float = 0.0):
+        if not key or (upstream.keys is not None and key not in upstream.keys):
+            return 401, "You do not have access permissions"
+        if upstream.keys is not None and upstream.keys[key] < cost:
+            return 402, "Credits insufficient"
+        return None
+
+    def submit(endpoint: str):
+        key = caller_key()
+        message_key = "message" if endpoint == "generate-pro" else "msg"
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return envelope(400, "body must be JSON", message_key=message_key)
+        prompt = body.get("prompt")
+        markers = dict(MARKER.findall(prompt)) if isinstance(prompt, str) else {}
+        with upstream.lock:
+            upstream.calls.append((request.path, key or "", None))
+            call_index = len(upstream.calls) - 1
+        if "submit-http" in markers:
+            return Response("<html><body>Bad gateway</body></html>", int(markers["submit-http"]), mimetype="text/html")
+        if "submit-code" in markers:
+            return envelope(int(markers["submit-code"]), "injected error", message_key=message_key)
+        problem = validate(endpoint, body)
+        if problem:
+            return envelope(problem[0], problem[1], message_key=message_key)
+        count = int(body.get("numImages", 1)) if endpoint == "generate" else 1
+        with upstream.lock:
+            refused = key_problem(key, cost=count)
+            if refused:
+                return envelope(*refused, message_key=message_key)
+            if upstream.keys is not None:
+                upstream.keys[key] -= count
+            task = new_task(endpoint, key, body, markers, count)
+            upstream.tasks[task.task_id] = task
+            upstream.calls[call_index] = (request.path, key, task.task_id)
+        callbacks.schedule(task, upstream)
+        if "submit-hang" in markers:
+            time.sleep(float(markers["submit-hang"]))
+        return envelope(200, "success", {"taskId": task.task_id}, message_key=message_key)
+
+    def new_task(endpoint: str, key: str, body: dict, markers: dict, count: int) -> EmulatedTask:
+        task_id = uuid.uuid4().hex
+        delay = float(markers.get("delay", upstream.delay))
+        flag = 3 if "fail" in markers else 2 if "create-fail" in markers else 1
+        urls = [f"{request.host_url}files/{task_id}/{n}.svg" for n in range(count)]
+        now = time.monotonic()
+        return EmulatedTask(task_id, key, endpoint, body, now, now + delay, flag, urls, markers)
+
+    app.add_url_rule("/api/v1/nanobanana/generate", "generate", lambda: submit("generate"), methods=["POST"])
+    app.add_url_rule(
+        "/api/v1/nanobanana/generate-pro", "generate_pro", lambda: submit("generate-pro"), methods=["POST"]
+    )
+    app.add_url_rule("/api/v1/nanobanana/generate-2", "generate_2", lambda: submit("generate-2"), methods=["POST"])
+
+    @app.get("/api/v1/nanobanana/record-info")
+    def record_info():
+        key = caller_key()
+        task_id = request.args.get("taskId")
+        with upstream.lock:
+            upstream.calls.append((request.path, key or "", task_id))
+            if task_id is None:
+                return envelope(500, "Server error")  # what the upstream does with `task_id`
+            refused = key_problem(key)
+            if refused:
+                return envelope(*refused)
+            task = upstream.tasks.get(task_id)
+            if task is None or task.key != key:
+                return envelope(404, "task not found")
+            task.polls += 1
+            if task.polls <= int(task.markers.get("flaky-polls", 0)):
+                return Response("<html>Internal Server Error</html>", 500, mimetype="text/html")
+        return envelope(200, "success", record(task))
+
+    @app.get("/api/v1/common/credit")
+    def credit():
+        key = caller_key()
+        refused = key_problem(key)
+        if refused and refused[0] == 401:
+            return envelope(*refused)
+        with upstream.lock:
+            credits = upstream.keys[key] if upstream.keys is not None else 1000.0
+        return envelope(200, "success", credits)
+
+    @app.get("/files/<task_id>/<int:number>.svg")
+    def picture(task_id: str, number: int):
+        task = upstream.tasks.get(task_id)
+        if task is None or task.flag_when_done != 1 or time.monotonic() < task.ready_at:
+            return Response("not found", 404, mimetype="text/plain")
+        return Response(placeholder_svg(task, number), mimetype="image/svg+xml")
+
+    return app
+
+
+def validate(endpoint: str, body: dict) -> tuple[int, str] | None:
+    """The upstream's checks of each endpoint's own fields."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return 400, "prompt is required"
+    images = body.get("imageUrls") or []
+    if not isinstance(images, list) or not all(
+        isinstance(u, str) and u.startswith(("http://", "https://")) for u in images
+    ):
+        return 400, "imageUrls must be a list of http(s) URLs"
+    if endpoint == "generate":
+        if body.get("type") not in ("TEXTTOIAMGE", "IMAGETOIAMGE"):
+            return 422, "type must be TEXTTOIAMGE or IMAGETOIAMGE"
+        if body["type"] == "IMAGETOIAMGE" and not images:
+            return 400, "imageUrls is required for IMAGETOIAMGE"
+        if body.get("numImages", 1) not in (1, 2, 3, 4):
+            return 400, "numImages must be 1 to 4"
+        if "image_size" in body and body["image_size"] not in BASE_RATIOS:
+            return 400, "image_size is not supported"
+        if "aspectRatio" in body:
+            return 422, "aspectRatio is not a field of this endpoint"
+        return None
+    ratios = BASE_RATIOS | {"auto"} if endpoint == "generate-pro" else RATIOS_2
+    limit = 8 if endpoint == "generate-pro" else 14
+    if "type" in body or "image_size" in body or "numImages" in body:
+        return 422, "unknown field for this endpoint"
+    if len(images) > limit:
+        return 400, f"at most {limit} imageUrls"
+    if "aspectRatio" in body and body["aspectRatio"] not in ratios:
+        return 400, "aspectRatio is not supported"
+    if "resolution" in body and body["resolution"] not in ("1K", "2K", "4K"):
+        return 400, "resolution must be 1K, 2K or 4K"
+    if endpoint == "generate-2" and len(prompt) > 20000:
+        return 400, "prompt is too long"
+    return None
+
+
+def record(task: EmulatedTask) -> dict:
+    """record-info's `data` for a task, as the upstream would show it now."""
+    done = time.monotonic() >= task.ready_at
+    flag = task.flag_when_done if done else 0
+    data = {
+        "taskId": task.task_id,
+        "paramJson": json.dumps(task.params),
+        "createTime": int(task.created * 1000),
+        "completeTime": int(task.ready_at * 1000) if done else None,
+        "successFlag": flag,
+        "response": None,
+        "errorCode": None,
+        "errorMessage": None,
+    }
+    if flag == 1:
+        data["response"] = {"originImageUrl": task.image_urls[0], "resultImageUrl": task.image_urls[0]}
+        if len(task.image_urls) > 1:
+            data["response"]["resultUrls"] = task.image_urls
+            data["response"]["resultImageUrl"] = task.image_urls
+    elif flag in (2, 3):
+        data["errorCode"] = 400 if flag == 2 else 501
+        data["errorMessage"] = "the task could not be created" if flag == 2 else "the picture could not be generated"
+    return data
+
+
+def callback_body(task: EmulatedTask) -> dict:
+    """The callback, in the shape of the endpoint that created the task."""
+    data = record(task)
+    if task.endpoint == "generate-2":
+        return {"code": 200, "msg": "success", "data": {**data, "operationType": "generate"}}
+    code = {1: 200, 2: 400, 3: 501}[task.flag_when_done]
+    info = {"resultImageUrl": task.image_urls[0]} if code == 200 else None
+    return {
+        "code": code,
+        "msg": "success" if code == 200 else data["errorMessage"],
+        "data": {"taskId": task.task_id, "info": info},
+    }
+
+
+class CallbackSender:
+    """One thread that posts each task's callback when it is due."""
+
+    def __init__(self):
+        self._due: list[tuple[float, str, EmulatedTask]] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, task: EmulatedTask, upstream: Upstream) -> None:
+        url = task.params.get("callBackUrl")
+        mode = task.markers.get("callback", "once")
+        if not isinstance(url, str) or not url.startswith("http") or mode == "never":
+            return
+        at = task.ready_at + float(task.markers.get("callback-delay", 0))
+        with self._wake:
+            for _ in range(2 if mode == "twice" else 1):
+                heapq.heappush(self._due, (at, task.task_id, task))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="emulator-callbacks", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while True:
+            with self._wake:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._wake.wait(timeout=self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, task = heapq.heappop(self._due)
+            # The real upstream retries a few times; the service polls as a fallback anyway.
+            with contextlib.suppress(requests.RequestException):
+                session.post(task.params["callBackUrl"], json=callback_body(task), timeout=(2, 15))
+
+
+def placeholder_svg(task: EmulatedTask, number: int) -> str:
+    """A picture that shows its prompt, and for an edit the pictures it was made from."""
+    prompt = MARKER.sub("", task.params.get("prompt", "")).strip()
+    words = prompt.lower().split()
+    colour = next((COLOURS[w] for w in words if w in COLOURS), None)
+    colour = colour or "#" + hashlib.sha256(prompt.encode()).hexdigest()[:6]
+    lines = textwrap.wrap(prompt, 34)[:8]
+    sources = task.params.get("imageUrls") or []
+    if sources:
+        lines += ["", f"edited from {len(sources)} picture(s):"]
+        lines += [textwrap.shorten(url.rsplit("/files/", 1)[-1], 40) for url in sources[:4]]
+    text = "".join(
+        f'<text x="32" y="{80 + 34 * i}" font-size="26">{html.escape(line)}</text>' for i, line in enumerate(lines)
+    )
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="512" height="512" viewBox="0 0 512 512">'
+        f'<rect width="512" height="512" fill="{colour}"/>'
+        '<rect x="16" y="16" width="480" height="480" rx="24" fill="white" fill-opacity="0.82"/>'
+        f'<g font-family="sans-serif" fill="#111">{text}'
+        f'<text x="32" y="480" font-size="16" fill="#555">NanoBanana emulator · image {number + 1}</text></g></svg>'
+    )
+
+
+def parse_keys(pairs: list[str]) -> dict[str, float] | None:
+    """`NAME=CREDITS` pairs; none means any key is accepted."""
+    if not pairs:
+        return None
+    keys = {}
+    for pair in pairs:
+        name, _, credits = pair.partition("=")
+        keys[name] = float(credits or 1000)
+    return keys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Offline emulator of the NanoBanana API")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--delay", type=float, default=3.0, help="seconds a generation takes")
+    parser.add_argument("--key", action="append", default=[], help="NAME=CREDITS; repeat; none: any key works")
+    args = parser.parse_args()
+    from werkzeug.serving import run_simple
+
+    app = create_emulator(Upstream(delay=args.delay, keys=parse_keys(args.key)))
+    run_simple(args.host, args.port, app, threaded=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""A thin client for the NanoBanana API: submit a generation, read its status, wait for it.
+
+It knows the upstream's field names, its error envelope and its key rules, and nothing
+of Flask or of users. Every upstream failure leaves it as a `NanoBananaError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+log = logging.getLogger(__name__)
+
+MODEL_PATHS = {
+    "nano-banana": "/api/v1/nanobanana/generate",
+    "nano-banana-pro": "/api/v1/nanobanana/generate-pro",
+    "nano-banana-2": "/api/v1/nanobanana/generate-2",
+}
+RECORD_INFO_PATH = "/api/v1/nanobanana/record-info"
+# The upstream requires a callback address; this one is never reachable from outside the upstream.
+CALLBACK_PLACEHOLDER = "http://localhost/nanobanana/callback"
+
+SUBMIT_RETRIES = 2
+KEY_BENCH_SECONDS = 600
+RETRYABLE_SUBMIT_CODES = frozenset({429, 455, 500, 502, 503, 504})
+BUSY_CODES = frozenset({429, 455, 503})
+KEY_REFUSED_CODES = frozenset({401, 402})
+
+
+class NanoBananaError(Exception):
+    """Root of every upstream failure; `message` is a plain sentence for the caller."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UpstreamError(NanoBananaError):
+    """The API call failed, or the upstream answered something unusable."""
+
+
+class SubmissionUncertain(UpstreamError):
+    """A submission timed out after it was sent: the task may exist, so it is not retried."""
+
+
+class UpstreamRejected(NanoBananaError):
+    """The upstream refused the request itself (bad parameters, content policy)."""
+
+
+class UpstreamUnavailable(NanoBananaError):
+    """No key is usable, or the upstream is down or rate-limiting us."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _NotSent(UpstreamUnavailable):
+    """The connection failed before the request left: certainly nothing was created."""
+
+
+class _KeyRefused(NanoBananaError):
+    """The upstream rejected this key (401) or found it out of credits (402)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What to make: the caller's choices, in the service's own words."""
+
+    prompt: str
+    model: str = "nano-banana"
+    image_urls: tuple[str, ...] = ()
+    aspect_ratio: str | None = None
+    resolution: str | None = None
+    num_images: int = 1
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task the upstream accepted, and the number (1-based) of the key that owns it."""
+
+    task_id: str
+    key_number: int
+    submitted_at: float
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    state: str  # "pending", "success" or "failed"
+    image_urls: tuple[str, ...] = ()
+    error_message: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state != "pending"
+
+
+PENDING = TaskStatus("pending")
+
+
+@dataclass(frozen=True)
+class KeyCredit:
+    key: int
+    credits: float | None
+    usable: bool
+
+
+@dataclass(frozen=True)
+class _Answer:
+    code: int  # the body's `code` when there is one, else the HTTP status; 0 when unreadable
+    message: str
+    data: Any = None
+    retry_after: float | None = None
+
+
+@dataclass
+class KeyRing:
+    """The configured keys in order; a key the upstream refused is set aside for a while."""
+
+    keys: tuple[str, ...]
+    bench_seconds: float = KEY_BENCH_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    _benched_until: dict[int, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def key(self, number: int) -> str:
+        if not 1 <= number <= len(self.keys):
+            raise UpstreamError("The API key that created this task is no longer configured.")
+        return self.keys[number - 1]
+
+    def is_usable(self, number: int) -> bool:
+        with self._lock:
+            return self._benched_until.get(number, 0.0) <= self.clock()
+
+    def usable(self) -> list[tuple[int, str]]:
+        return [(n, key) for n, key in enumerate(self.keys, start=1) if self.is_usable(n)]
+
+    def bench(self, number: int) -> None:
+        with self._lock:
+            self._benched_until[number] = self.clock() + self.bench_seconds
+
+
+def build_session(pool_size: int = 100) -> requests.Session:
+    """One pooled session, shared by every thread of the process."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+class NanoBananaClient:
+    def __init__(
+        self,
+        api_base: str,
+        keys: Iterable[str],
+        *,
+        session: requests.Session | None = None,
+        poll_interval: float = 2.0,
+        poll_max_attempts: int = 30,
+        connect_timeout: float = 5.0,
+        submit_read_timeout: float = 30.0,
+        poll_read_timeout: float = 10.0,
+        credit_path: str = "/api/v1/common/credit",
+        retry_backoff: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.api_base = api_base.rstrip("/")
+        self.keys = KeyRing(tuple(keys), clock=clock)
+        self.session = session or build_session()
+        self.poll_interval = poll_interval
+        self.poll_max_attempts = poll_max_attempts
+        self.connect_timeout = connect_timeout
+        self.submit_read_timeout = submit_read_timeout
+        self.poll_read_timeout = poll_read_timeout
+        self.credit_path = credit_path
+        self.retry_backoff = retry_backoff
+        self.clock = clock
+        self.sleep = sleep
+
+    # -- submit -------------------------------------------------------------------------
+
+    def submit(self, generation: Generation, callback_url: str = CALLBACK_PLACEHOLDER) -> Task:
+        """Create a task with the first usable key; a refused key is benched and the next one tried."""
+        path, body = submission(generation, callback_url)
+        for number, key in self.keys.usable():
+            try:
+                task_id = self._submit_with_key(path, body, key)
+            except _KeyRefused as refused:
+                log.warning("API key %d set aside for %ds: %s", number, self.keys.bench_seconds, refused.message)
+                self.keys.bench(number)
+                continue
+            return Task(task_id, number, self.clock())
+        raise UpstreamUnavailable(
+            "None of the service's API keys can be used right now: they are out of credits or were "
+            "rejected by the image service. Please tell the owner of this service.",
+            retry_after=self.keys.bench_seconds,
+        )
+
+    def _submit_with_key(self, path: str, body: dict, key: str) -> str:
+        """Send one submission, retrying only when the task was certainly not created."""
+        timeout = (self.connect_timeout, self.submit_read_timeout)
+        for attempt in range(SUBMIT_RETRIES + 1):
+            retry_after = None
+            try:
+                answer = self._send("POST", path, key, timeout, json=body)
+            except _NotSent as not_sent:
+                failure: NanoBananaError = not_sent
+            except UpstreamError:
+                raise SubmissionUncertain(
+                    "The image service did not answer in time, so we cannot tell whether your picture "
+                    "was started. It was not retried, to avoid paying twice; please try again in a minute."
+                ) from None
+            else:
+                if answer.code == 200:
+                    return _task_id(answer)
+                if answer.code in KEY_REFUSED_CODES:
+                    raise _KeyRefused(answer.message)
+                failure = _error_for(answer)
+                if answer.code not in RETRYABLE_SUBMIT_CODES:
+                    raise failure
+                retry_after = answer.retry_after
+            if attempt < SUBMIT_RETRIES:
+                self.sleep(min(retry_after or self.retry_backoff * 2**attempt, 5.0))
+        raise failure
+
+    # -- status and wait ----------------------------------------------------------------
+
+    def status(self, task: Task, read_timeout: float | None = None) -> TaskStatus:
+        """Ask the upstream once, with the task's own key, how the task is doing."""
+        timeout = (self.connect_timeout, read_timeout or self.poll_read_timeout)
+        params = {"taskId": task.task_id}
+        answer = self._send("GET", RECORD_INFO_PATH, self.keys.key(task.key_number), timeout, params=params)
+        if answer.code != 200:
+            raise _error_for(answer)
+        return parse_record(answer.data)
+
+    def wait(self, task: Task, timeout: float) -> TaskStatus:
+        """Poll on the task's own schedule until it ends, `timeout` seconds pass or the polls run out.
+
+        Polls fall every `poll_interval` seconds after submission, at most `poll_max_attempts`
+        of them in the task's life, so a later call goes on where an earlier one stopped.
+        A failed poll counts as an attempt, and polling goes on.
+        """
+        deadline = self.clock() + timeout
+        status = PENDING
+        slot = self._next_slot(task)
+        while slot <= self.poll_max_attempts:
+            poll_at = task.submitted_at + slot * self.poll_interval
+            if poll_at > deadline:
+                break
+            self.sleep(max(0.0, poll_at - self.clock()))
+            status = self._poll(task, read_timeout=min(self.poll_read_timeout, max(0.5, deadline - self.clock())))
+            if status.done:
+                return status
+            slot = max(slot + 1, self._next_slot(task))
+        return status
+
+    def _next_slot(self, task: Task) -> int:
+        return math.floor((self.clock() - task.submitted_at) / self.poll_interval + 1e-9) + 1
+
+    def _poll(self, task: Task, read_timeout: float) -> TaskStatus:
+        try:
+            return self.status(task, read_timeout=read_timeout)
+        except NanoBananaError as failure:
+            log.info("poll of task %s failed: %s", task.task_id, failure.message)
+            return PENDING
+
+    # -- credits ------------------------------------------------------------------------
+
+    def credits(self) -> list[KeyCredit]:
+        """The remaining credits of each key, by its number; a key that cannot answer is unusable."""
+        return [self._credit(number, key) for number, key in enumerate(self.keys.keys, start=1)]
+
+    def _credit(self, number: int, key: str) -> KeyCredit:
+        try:
+            answer = self._send("GET", self.credit_path, key, (self.connect_timeout, self.poll_read_timeout))
+        except NanoBananaError:
+            return KeyCredit(number, None, False)
+        if answer.code in KEY_REFUSED_CODES:
+            self.keys.bench(number)
+        if answer.code != 200 or isinstance(answer.data, bool) or not isinstance(answer.data, (int, float)):
+            return KeyCredit(number, None, False)
+        return KeyCredit(number, answer.data, answer.data > 0 and self.keys.is_usable(number))
+
+    # -- transport ----------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, key: str, timeout: tuple[float, float], **kwargs) -> _Answer:
+        """The one place where transport errors and the upstream's envelope are translated."""
+        headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+        try:
+            response = self.session.request(method, self.api_base + path, headers=headers, timeout=timeout, **kwargs)
+        except requests.RequestException as error:
+            if _certainly_not_sent(error):
+                raise _NotSent("The image service cannot be reached right now. Please try again in a minute.") from None
+            raise UpstreamError("The image service did not answer in time. Please try again in a minute.") from None
+        return _answer(response)
+
+
+def submission(generation: Generation, callback_url: str) -> tuple[str, dict]:
+    """The upstream path and JSON body for a generation; each model has its own field names."""
+    g = generation
+    body: dict[str, Any] = {"prompt": g.prompt, "callBackUrl": callback_url}
+    if g.model == "nano-banana":
+        body["type"] = "IMAGETOIAMGE" if g.image_urls else "TEXTTOIAMGE"  # misspelled on purpose upstream
+        body["numImages"] = g.num_images
+        if g.image_urls:
+            body["imageUrls"] = list(g.image_urls)
+        if g.aspect_ratio:
+            body["image_size"] = g.aspect_ratio
+    else:
+        if g.image_urls or g.model == "nano-banana-2":
+            body["imageUrls"] = list(g.image_urls)
+        if g.aspect_ratio:
+            body["aspectRatio"] = g.aspect_ratio
+        if g.resolution:
+            body["resolution"] = g.resolution
+    return MODEL_PATHS[g.model], body
+
+
+def parse_record(data: Any) -> TaskStatus:
+    """Read record-info's `data` by a closed mapping of `successFlag`; anything unknown raises."""
+    if not isinstance(data, dict):
+        raise UpstreamError("The image service sent a status we could not read.")
+    flag = data.get("successFlag")
+    if flag in (0, "0"):
+        return PENDING
+    if flag in (1, "1"):
+        urls = result_urls(data.get("response"))
+        if not urls:
+            raise UpstreamError("The image service said the picture was ready but sent no address for it.")
+        return TaskStatus("success", urls)
+    if flag in (2, 3, "2", "3"):
+        return TaskStatus("failed", error_message=_failure_message(data, created=flag not in (2, "2")))
+    raise UpstreamError(f"The image service sent a status we do not know ({flag!r}).")
+
+
+def result_urls(response: Any) -> tuple[str, ...]:
+    """Result addresses from `resultImageUrl` (a string or a list), else `resultUrls`."""
+    if not isinstance(response, dict):
+        return ()
+    for name in ("resultImageUrl", "resultUrls"):
+        value = response.get(name)
+        urls = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        urls = [url for url in urls if isinstance(url, str) and url.startswith(("http://", "https://"))]
+        if urls:
+            return tuple(urls)
+    return ()
+
+
+def _failure_message(data: dict, created: bool) -> str:
+    reason = data.get("errorMessage") or ""
+    opening = "The image could not be made" if created else "The image service could not start this picture"
+    return f"{opening}: {_short(reason)}" if reason else f"{opening}. Please try a different prompt or image."
+
+
+def _task_id(answer: _Answer) -> str:
+    data = answer.data if isinstance(answer.data, dict) else {}
+    task_id = data.get("taskId")
+    if not isinstance(task_id, str) or not task_id:
+        raise UpstreamError("The image service accepted the request but sent no task id.")
+    return task_id
+
+
+def _answer(response: requests.Response) -> _Answer:
+    retry_after = _retry_after(response.headers.get("Retry-After"))
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        code = response.status_code if response.status_code >= 300 else 0
+        return _Answer(code, "", None, retry_after)
+    code = body.get("code")
+    if isinstance(code, bool) or not isinstance(code, int):
+        code = response.status_code
+    message = body.get("msg") or body.get("message") or ""
+    return _Answer(code, _short(str(message)), body.get("data"), retry_after)
+
+
+def _error_for(answer: _Answer) -> NanoBananaError:
+    """The exception for an upstream answer that is not a success."""
+    detail = f" ({answer.message})" if answer.message else ""
+    if answer.code in (400, 413):
+        return UpstreamRejected(
+            f"The image service did not accept this request{detail}. Please change it and try again."
+        )
+    if answer.code in BUSY_CODES:
+        return UpstreamUnavailable(
+            "The image service is busy right now. Please try again in a minute.", retry_after=answer.retry_after
+        )
+    if answer.code in KEY_REFUSED_CODES:
+        return UpstreamError(f"The image service refused the service's API key{detail}.")
+    if answer.code == 0:
+        return UpstreamError("The image service sent an answer we could not read. Please try again in a minute.")
+    return UpstreamError(f"The image service reported a problem (code {answer.code}{detail}). Please try again later.")
+
+
+def _certainly_not_sent(error: requests.RequestException) -> bool:
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    if not isinstance(error, requests.ConnectionError):
+        return False
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return isinstance(reason, (NewConnectionError, NameResolutionError))
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,201 @@
+"""Reading and checking the parameters of a generation request (CONTRACT §2).
+
+One entry point, `parse_generation`, and one error type, `InvalidParameter`, whose
+message names the parameter and says how to fix it. No Flask here: the app hands in
+the request's values as a mapping of names to lists of strings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from nanobanana_client import Generation
+
+Values = Mapping[str, Sequence[str]]
+
+MODELS = ("nano-banana", "nano-banana-pro", "nano-banana-2")
+FORMATS = ("json", "text", "redirect")
+RESOLUTIONS = ("1K", "2K", "4K")
+_BASE_RATIOS = ("1:1", "9:16", "16:9", "3:4", "4:3", "3:2", "2:3", "5:4", "4:5", "21:9")
+ASPECT_RATIOS = {
+    "nano-banana": _BASE_RATIOS,
+    "nano-banana-pro": (*_BASE_RATIOS, "auto"),
+    "nano-banana-2": (*_BASE_RATIOS, "auto", "1:4", "4:1", "1:8", "8:1"),
+}
+MAX_IMAGES = {"nano-banana": 10, "nano-banana-pro": 8, "nano-banana-2": 14}
+MAX_PROMPT = {"nano-banana": 5000, "nano-banana-pro": 5000, "nano-banana-2": 20000}
+MAX_USER_ID = 128
+MAX_NUM_IMAGES = 4
+IMAGE_URL_NAMES = ("image_url", "image", "imageUrl", "image_urls")
+USER_ID_NAMES = ("user_id", "user", "userId")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+class InvalidParameter(ValueError):
+    """A parameter is missing or wrong; the message says how to fix it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    generation: Generation  # the images here are only those the caller named
+    user_id: str | None
+    reset: bool
+    wait: float
+
+
+def parse_format(values: Values) -> str:
+    """The response format: json (default), text or redirect."""
+    fmt = (_first(values, "format") or "json").strip().lower()
+    if fmt not in FORMATS:
+        raise InvalidParameter("format must be json, text or redirect.")
+    return fmt
+
+
+def parse_user_id(values: Values) -> str | None:
+    """The conversation's name, 1 to 128 characters; blank means none."""
+    user_id = (_first(values, *USER_ID_NAMES) or "").strip()
+    if len(user_id) > MAX_USER_ID:
+        raise InvalidParameter(f"user_id is {len(user_id)} characters long; please keep it to {MAX_USER_ID} or fewer.")
+    return user_id or None
+
+
+def parse_generation(values: Values, polling_window: float) -> GenerationRequest:
+    """Check every generation parameter and gather them into one request."""
+    model = _model(values)
+    generation = Generation(
+        prompt=_prompt(values, model),
+        model=model,
+        image_urls=_image_urls(values, model),
+        aspect_ratio=_aspect_ratio(values, model),
+        resolution=_resolution(values, model),
+        num_images=_num_images(values, model),
+    )
+    return GenerationRequest(
+        generation=generation,
+        user_id=parse_user_id(values),
+        reset=_flag(values, "reset"),
+        wait=_wait(values, polling_window),
+    )
+
+
+def _first(values: Values, *names: str) -> str | None:
+    for name in names:
+        found = values.get(name)
+        if found:
+            return found[0]
+    return None
+
+
+def _model(values: Values) -> str:
+    model = (_first(values, "model") or "nano-banana").strip().lower()
+    if model not in MODELS:
+        raise InvalidParameter(
+            f"model {_quote(model)} is not known; use nano-banana, nano-banana-pro or nano-banana-2."
+        )
+    return model
+
+
+def _prompt(values: Values, model: str) -> str:
+    prompt = (_first(values, "prompt") or "").strip()
+    if not prompt:
+        raise InvalidParameter("Please add a prompt, for example ?prompt=a+red+apple")
+    limit = MAX_PROMPT[model]
+    if len(prompt) > limit:
+        raise InvalidParameter(
+            f"The prompt is {len(prompt)} characters long; please shorten it to {limit} characters or fewer."
+        )
+    return prompt
+
+
+def _image_urls(values: Values, model: str) -> tuple[str, ...]:
+    urls = [
+        part.strip()
+        for name in IMAGE_URL_NAMES
+        for value in values.get(name, ())
+        for part in value.split(",")
+        if part.strip()
+    ]
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc or any(c.isspace() for c in url):
+            raise InvalidParameter(
+                f"image_url {_quote(url)} is not a web address; use a link that starts with http:// or https://."
+            )
+    limit = MAX_IMAGES[model]
+    if len(urls) > limit:
+        raise InvalidParameter(f"{len(urls)} images were given, but {model} takes at most {limit}; please send fewer.")
+    return tuple(urls)
+
+
+def _aspect_ratio(values: Values, model: str) -> str | None:
+    ratio = (_first(values, "aspect_ratio") or "").strip().lower()
+    if not ratio:
+        return None
+    allowed = ASPECT_RATIOS[model]
+    if ratio not in allowed:
+        raise InvalidParameter(
+            f"aspect_ratio {_quote(ratio)} does not work with {model}; use one of {' '.join(allowed)}."
+        )
+    return ratio
+
+
+def _resolution(values: Values, model: str) -> str | None:
+    resolution = (_first(values, "resolution") or "").strip().upper()
+    if not resolution:
+        return None
+    if model == "nano-banana":
+        raise InvalidParameter(
+            "resolution works only with model=nano-banana-pro or model=nano-banana-2; "
+            "leave it out or choose one of those."
+        )
+    if resolution not in RESOLUTIONS:
+        raise InvalidParameter("resolution must be 1K, 2K or 4K.")
+    return resolution
+
+
+def _num_images(values: Values, model: str) -> int:
+    raw = (_first(values, "num_images") or "1").strip()
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_NUM_IMAGES:
+        raise InvalidParameter(f"num_images must be a whole number from 1 to {MAX_NUM_IMAGES}.")
+    if count > 1 and model != "nano-banana":
+        raise InvalidParameter("num_images above 1 works only with model=nano-banana; leave it out for this model.")
+    return count
+
+
+def _flag(values: Values, name: str) -> bool:
+    raw = (_first(values, name) or "").strip().lower()
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise InvalidParameter(f"{name} must be 1, true or yes (or leave it out).")
+
+
+def _wait(values: Values, polling_window: float) -> float:
+    raw = (_first(values, "wait") or "").strip()
+    if not raw:
+        return polling_window
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidParameter(f"wait must be a number of seconds from 0 to {polling_window:g}.")
+    return min(seconds, polling_window)
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    shown = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"'{shown}'"
