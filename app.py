@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
         submit_read_timeout=settings.submit_read_timeout,
         poll_read_timeout=settings.poll_read_timeout,
         credit_path=settings.credit_path,
+        retry_backoff=settings.submit_retry_backoff,
     )
     store = store or MemoryStore(settings.history_ttl, settings.history_max_users)
     app.extensions["nanobanana"] = Service(settings, client, store)
@@ -332,7 +333,7 @@ def http_api_error(error: HTTPException) -> ApiError:
         status, ("invalid_request" if status < 500 else "internal_error", error.description)
     )
     if status == 405:
-        allowed = " or ".join(m for m in (error.valid_methods or []) if m not in ("HEAD", "OPTIONS")) or "GET"
+        allowed = " or ".join(sorted(set(error.valid_methods or ()) - {"HEAD", "OPTIONS"})) or "GET"
         message = message.format(method=request.method, allowed=allowed)
     headers = {"Allow": ", ".join(error.valid_methods)} if status == 405 and error.valid_methods else {}
     return ApiError(status, code, message, headers)

@@ -36,6 +36,7 @@ class Settings:
     connect_timeout: float = 5.0
     submit_read_timeout: float = 30.0
     poll_read_timeout: float = 10.0
+    submit_retry_backoff: float = 0.5  # seconds before the first retry; doubled for the second
 
     @property
     def configured(self) -> bool:

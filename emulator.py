@@ -26,6 +26,7 @@ import hashlib
 import heapq
 import html
 import json
+import logging
 import re
 import textwrap
 import threading
@@ -346,6 +347,7 @@ def main() -> None:
     args = parser.parse_args()
     from werkzeug.serving import run_simple
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per poll drowns the service's log
     app = create_emulator(Upstream(delay=args.delay, keys=parse_keys(args.key)))
     run_simple(args.host, args.port, app, threaded=True)
 

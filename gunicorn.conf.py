@@ -25,3 +25,5 @@ worker_connections = 1200
 # A restart lets every request finish its wait (and a slow submission) before the worker goes.
 graceful_timeout = int(settings.polling_window + settings.submit_read_timeout + 10)
 accesslog = "-"
+# gunicorn's control socket lives at one path per user; instances on one machine would share it.
+control_socket_disable = True

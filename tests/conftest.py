@@ -1,12 +1,14 @@
-"""Shared fixtures: settings for tests, and the emulator reached through `responses`."""
+"""Shared fixtures: settings for tests, and the emulator reached through a swapped transport."""
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 import responses
+from requests.adapters import BaseAdapter
+from requests.structures import CaseInsensitiveDict
 
 from app import create_app
 from config import Settings
@@ -16,10 +18,55 @@ UPSTREAM = "http://upstream.test"
 KEYS = ("key-one", "key-two")
 
 
+class EmulatorTransport(BaseAdapter):
+    """A requests transport that hands every request to the emulator's WSGI app, in process.
+
+    Each app under test gets its own session with this transport, so a background poll
+    left over from one test can never reach the next test's upstream.
+    """
+
+    def __init__(self, upstream: Upstream):
+        super().__init__()
+        self.emulator = create_emulator(upstream).test_client()
+
+    def send(self, request, **kwargs):
+        url = urlsplit(request.url)
+        answer = self.emulator.open(
+            url.path,
+            base_url=f"{url.scheme}://{url.netloc}",
+            method=request.method,
+            query_string=url.query,
+            headers=dict(request.headers),
+            data=request.body,
+        )
+        response = requests.Response()
+        response.status_code = answer.status_code
+        response.headers = CaseInsensitiveDict(answer.headers)
+        response._content = answer.get_data()
+        response.url = request.url
+        response.request = request
+        return response
+
+    def close(self):
+        pass
+
+
 @pytest.fixture
 def upstream() -> Upstream:
     """The emulator's state: two keys with credits, generations that finish at once."""
     return Upstream(delay=0.0, keys={key: 100.0 for key in KEYS})
+
+
+@pytest.fixture
+def emulated(upstream) -> Upstream:
+    return upstream
+
+
+@pytest.fixture
+def session(upstream) -> requests.Session:
+    session = requests.Session()
+    session.mount(UPSTREAM, EmulatorTransport(upstream))
+    return session
 
 
 @pytest.fixture
@@ -29,35 +76,15 @@ def mocked():
 
 
 @pytest.fixture
-def emulated(mocked, upstream):
-    """Every request to UPSTREAM is answered by the emulator, in process, at the HTTP layer."""
-    emulator = create_emulator(upstream).test_client()
-
-    def forward(prepared):
-        url = urlsplit(prepared.url)
-        answer = emulator.open(
-            url.path,
-            base_url=UPSTREAM,
-            method=prepared.method,
-            query_string=url.query,
-            headers=dict(prepared.headers),
-            data=prepared.body,
-        )
-        return answer.status_code, dict(answer.headers), answer.get_data()
-
-    for method in (responses.GET, responses.POST):
-        mocked.add_callback(method, re.compile(re.escape(UPSTREAM) + "/.*"), callback=forward)
-    return upstream
-
-
-@pytest.fixture
 def settings() -> Settings:
-    return Settings(api_keys=KEYS, api_base=UPSTREAM, poll_interval=0.05, poll_max_attempts=30)
+    return Settings(
+        api_keys=KEYS, api_base=UPSTREAM, poll_interval=0.05, poll_max_attempts=30, submit_retry_backoff=0.01
+    )
 
 
 @pytest.fixture
-def app(settings, emulated):
-    return create_app(settings)
+def app(settings, session):
+    return create_app(settings, session=session)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import requests
-import responses
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from nanobanana_client import (
@@ -62,7 +61,11 @@ def sent_json(call) -> dict:
 
 
 def record(flag, response=None, **extra) -> dict:
-    return {"code": 200, "msg": "success", "data": {"taskId": "task-1", "successFlag": flag, "response": response, **extra}}
+    return {
+        "code": 200,
+        "msg": "success",
+        "data": {"taskId": "task-1", "successFlag": flag, "response": response, **extra},
+    }
 
 
 def refused_connection() -> requests.ConnectionError:
@@ -231,7 +234,10 @@ def test_status_polls_with_task_id_and_the_tasks_own_key(client, mocked):
     "response, urls",
     [
         ({"resultImageUrl": "https://f.test/1.png"}, ("https://f.test/1.png",)),
-        ({"resultImageUrl": ["https://f.test/1.png", "https://f.test/2.png"]}, ("https://f.test/1.png", "https://f.test/2.png")),
+        (
+            {"resultImageUrl": ["https://f.test/1.png", "https://f.test/2.png"]},
+            ("https://f.test/1.png", "https://f.test/2.png"),
+        ),
         ({"resultUrls": ["https://f.test/3.png"]}, ("https://f.test/3.png",)),
         ({"resultImageUrl": "", "resultUrls": ["https://f.test/4.png"]}, ("https://f.test/4.png",)),
     ],
@@ -242,7 +248,9 @@ def test_result_urls_in_every_shape(client, mocked, response, urls):
     assert status.state == "success" and status.image_urls == urls
 
 
-@pytest.mark.parametrize("flag, opening", [(2, "could not start"), (3, "could not be made"), ("3", "could not be made")])
+@pytest.mark.parametrize(
+    "flag, opening", [(2, "could not start"), (3, "could not be made"), ("3", "could not be made")]
+)
 def test_failed_generation_carries_the_reason(client, mocked, flag, opening):
     mocked.get(RECORD_INFO, json=record(flag, errorCode=501, errorMessage="face detected"))
     status = client.status(Task("task-1", 1, 0.0))

@@ -1,0 +1,370 @@
+"""The app through Flask's test client, with the emulator answering at the HTTP layer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app import create_app
+from config import Settings
+from tests.conftest import UPSTREAM
+
+
+def generate(client, **params):
+    return client.get("/nanobanana", query_string=params)
+
+
+def wait_until(condition, timeout: float = 5.0, every: float = 0.02):
+    """Return condition()'s first truthy value, failing if none comes within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def sent_params(upstream, task_id: str) -> dict:
+    return upstream.tasks[task_id].params
+
+
+# -- the conversation ----------------------------------------------------------------------
+
+
+def test_text_to_image_answers_with_the_picture(client, emulated):
+    answer = generate(client, prompt="a cat", user_id="alice")
+    assert answer.status_code == 200
+    body = answer.json
+    assert body["status"] == "success"
+    assert body["mode"] == "text-to-image"
+    assert body["image_url"].startswith(f"{UPSTREAM}/files/{body['task_id']}/")
+    assert body["image_urls"] == [body["image_url"]]
+    assert body["source_image_urls"] == [] and body["used_previous_image"] is False
+    assert body["user_id"] == "alice"
+    assert isinstance(body["elapsed_seconds"], float)
+    assert sent_params(emulated, body["task_id"])["type"] == "TEXTTOIAMGE"
+
+
+def test_edit_uses_previous_result(client, emulated):
+    first = generate(client, prompt="a cat", user_id="alice").json
+    second = generate(client, prompt="make it blue", user_id="alice").json
+    assert second["mode"] == "image-to-image"
+    assert second["used_previous_image"] is True
+    assert second["source_image_urls"] == [first["image_url"]]
+    assert sent_params(emulated, second["task_id"])["imageUrls"] == [first["image_url"]]
+    assert client.get("/nanobanana/history/alice").json["last_image_url"] == second["image_url"]
+
+
+def test_users_are_kept_apart(client):
+    generate(client, prompt="a cat", user_id="alice")
+    assert generate(client, prompt="a dog", user_id="bob").json["mode"] == "text-to-image"
+
+
+def test_without_user_id_nothing_is_remembered(client):
+    generate(client, prompt="a cat")
+    assert generate(client, prompt="make it blue").json["mode"] == "text-to-image"
+
+
+@pytest.mark.parametrize("name", ["image_url", "image", "imageUrl", "image_urls"])
+def test_explicit_image_wins_over_the_remembered_one(client, emulated, name):
+    generate(client, prompt="a cat", user_id="alice")
+    body = generate(
+        client, prompt="combine", user_id="alice", **{name: "https://x.test/a.png,https://x.test/b.png"}
+    ).json
+    assert body["used_previous_image"] is False
+    assert body["source_image_urls"] == ["https://x.test/a.png", "https://x.test/b.png"]
+    assert sent_params(emulated, body["task_id"])["imageUrls"] == body["source_image_urls"]
+
+
+def test_repeated_image_parameter(client):
+    answer = client.get("/nanobanana?prompt=mix&image_url=https://x.test/a.png&image_url=https://x.test/b.png")
+    assert answer.json["source_image_urls"] == ["https://x.test/a.png", "https://x.test/b.png"]
+
+
+def test_reset_starts_over(client):
+    generate(client, prompt="a cat", user_id="alice")
+    body = generate(client, prompt="a dog", user_id="alice", reset="true").json
+    assert body["mode"] == "text-to-image" and body["used_previous_image"] is False
+
+
+def test_failed_generation_is_502_and_leaves_the_history_alone(client):
+    first = generate(client, prompt="a cat", user_id="alice").json
+    answer = generate(client, prompt="[fail] make it blue", user_id="alice")
+    assert answer.status_code == 502
+    assert answer.json["status"] == "failed"
+    assert answer.json["error"]["code"] == "generation_failed"
+    assert "could not be made" in answer.json["error"]["message"]
+    assert client.get("/nanobanana/history/alice").json["last_image_url"] == first["image_url"]
+
+
+def test_post_form_and_json_take_the_same_fields(client):
+    form = client.post("/nanobanana", data={"prompt": "a cat", "userId": "carol"})
+    assert form.status_code == 200 and form.json["user_id"] == "carol"
+    body = client.post("/nanobanana", json={"prompt": "make it blue", "user": "carol", "num_images": 2}).json
+    assert body["used_previous_image"] is True
+    assert len(body["image_urls"]) == 2
+
+
+@pytest.mark.parametrize(
+    "model, path, extra",
+    [
+        ("nano-banana-pro", "/api/v1/nanobanana/generate-pro", {"resolution": "2k", "aspect_ratio": "auto"}),
+        ("nano-banana-2", "/api/v1/nanobanana/generate-2", {"aspect_ratio": "1:8"}),
+    ],
+)
+def test_other_models_use_their_endpoint(client, emulated, model, path, extra):
+    body = generate(client, prompt="a cat", model=model, **extra).json
+    assert body["status"] == "success"
+    assert emulated.tasks[body["task_id"]].endpoint == path.rsplit("/", 1)[1]
+
+
+def test_long_prompt_is_fine_for_model_2(client):
+    assert generate(client, prompt="x" * 20000, model="nano-banana-2").status_code == 200
+
+
+# -- formats ----------------------------------------------------------------------------------
+
+
+def test_text_format_lists_image_urls(client):
+    answer = generate(client, prompt="a cat", num_images=2, format="text")
+    assert answer.status_code == 200 and answer.mimetype == "text/plain"
+    lines = answer.text.splitlines()
+    assert len(lines) == 2 and all(line.startswith("http") for line in lines)
+
+
+def test_text_format_error_is_plain_text_with_the_same_status(client):
+    answer = generate(client, prompt="", format="text")
+    assert answer.status_code == 400 and answer.mimetype == "text/plain"
+    assert answer.text.startswith("Please add a prompt")
+
+
+def test_redirect_format_sends_the_browser_to_the_picture(client):
+    answer = generate(client, prompt="a cat", format="redirect")
+    assert answer.status_code == 302
+    assert answer.headers["Location"].startswith(f"{UPSTREAM}/files/")
+
+
+# -- waiting and late results -----------------------------------------------------------------
+
+
+def test_wait_zero_answers_pending_and_the_task_completes_later(client):
+    generate(client, prompt="a cat", user_id="dave")
+    answer = generate(client, prompt="[delay=0.3] make it blue", user_id="dave", wait="0")
+    assert answer.status_code == 202
+    body = answer.json
+    assert body["status"] == "pending"
+    assert body["status_url"] == f"http://localhost/nanobanana/tasks/{body['task_id']}"
+    assert answer.headers["Location"] == body["status_url"]
+    done = wait_until(lambda: (r := client.get(body["status_url"])).status_code == 200 and r)
+    assert done.json["task_id"] == body["task_id"]
+    assert done.json["used_previous_image"] is True
+    assert client.get("/nanobanana/history/dave").json["last_image_url"] == done.json["image_url"]
+
+
+def test_pending_text_format_gives_the_status_url(client):
+    answer = generate(client, prompt="[delay=1] a cat", wait="0", format="text")
+    assert answer.status_code == 202
+    assert answer.headers["Location"] in answer.text
+
+
+def test_status_url_honours_the_proxy(client):
+    answer = client.get(
+        "/nanobanana",
+        query_string={"prompt": "[delay=1] a cat", "wait": "0"},
+        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "banana.example.com"},
+    )
+    assert answer.json["status_url"].startswith("https://banana.example.com/nanobanana/tasks/")
+
+
+def test_task_status_asks_upstream_at_most_once_per_interval(client, emulated):
+    task_id = generate(client, prompt="[delay=5] a cat", wait="0").json["task_id"]
+    for _ in range(5):
+        assert client.get(f"/nanobanana/tasks/{task_id}").status_code == 202
+    assert emulated.polls_of(task_id) <= 2  # one for the burst, maybe one from the background follower
+
+
+def test_failed_task_status_is_502(client):
+    task_id = generate(client, prompt="[fail] [delay=0.1] a cat", wait="0").json["task_id"]
+    answer = wait_until(lambda: (r := client.get(f"/nanobanana/tasks/{task_id}")).status_code != 202 and r)
+    assert answer.status_code == 502 and answer.json["status"] == "failed"
+
+
+def test_unknown_task_is_404(client):
+    answer = client.get("/nanobanana/tasks/not-ours")
+    assert answer.status_code == 404
+    assert answer.json["error"]["code"] == "not_found"
+
+
+# -- history, credits, health -------------------------------------------------------------
+
+
+def test_history_of_unknown_user_is_empty(client):
+    assert client.get("/nanobanana/history/nobody").json == {
+        "user_id": "nobody",
+        "last_image_url": None,
+        "updated_at": None,
+    }
+
+
+def test_history_shows_time_and_delete_forgets(client):
+    image = generate(client, prompt="a cat", user_id="erin").json["image_url"]
+    history = client.get("/nanobanana/history/erin").json
+    assert history["last_image_url"] == image
+    assert history["updated_at"].endswith("Z") and history["updated_at"][:4].isdigit()
+    for _ in range(2):  # idempotent
+        answer = client.delete("/nanobanana/history/erin")
+        assert answer.status_code == 200 and answer.json == {"user_id": "erin", "cleared": True}
+    assert client.get("/nanobanana/history/erin").json["last_image_url"] is None
+    assert generate(client, prompt="a dog", user_id="erin").json["mode"] == "text-to-image"
+
+
+def test_credits_by_key_number_never_the_key(client, emulated):
+    answer = client.get("/nanobanana/credits")
+    assert answer.json == {
+        "keys": [{"key": 1, "credits": 100.0, "usable": True}, {"key": 2, "credits": 100.0, "usable": True}]
+    }
+    assert "key-one" not in answer.text
+
+
+def test_healthz(client):
+    assert client.get("/healthz").json == {"status": "ok", "configured": True, "api_keys": 2, "store": "memory"}
+
+
+def test_without_keys_generation_is_not_configured(session):
+    client = create_app(Settings(api_keys=(), api_base=UPSTREAM, poll_interval=0.05), session=session).test_client()
+    assert client.get("/healthz").json["configured"] is False
+    answer = generate(client, prompt="a cat")
+    assert answer.status_code == 503
+    assert answer.json["error"]["code"] == "not_configured"
+
+
+# -- keys and upstream trouble ------------------------------------------------------------------
+
+
+def test_key_out_of_credits_is_rotated_to_the_next(client, emulated):
+    emulated.keys["key-one"] = 0
+    body = generate(client, prompt="a cat").json
+    assert body["status"] == "success"
+    assert emulated.tasks[body["task_id"]].key == "key-two"
+    assert client.get("/nanobanana/credits").json["keys"][0]["usable"] is False
+
+
+def test_no_key_with_credits_is_503_with_retry_after(client, emulated):
+    emulated.keys.update({"key-one": 0, "key-two": 0})
+    answer = generate(client, prompt="a cat")
+    assert answer.status_code == 503
+    assert answer.json["error"]["code"] == "upstream_unavailable"
+    assert int(answer.headers["Retry-After"]) > 0
+
+
+@pytest.mark.parametrize(
+    "marker, status, code",
+    [
+        ("[submit-code=429]", 503, "upstream_unavailable"),
+        ("[submit-http=503]", 503, "upstream_unavailable"),
+        ("[submit-code=500]", 502, "upstream_error"),
+        ("[submit-http=502]", 502, "upstream_error"),
+        ("[submit-code=505]", 502, "upstream_error"),
+        ("[submit-code=400]", 400, "invalid_request"),
+    ],
+)
+def test_upstream_trouble_is_a_clear_error(client, marker, status, code):
+    answer = generate(client, prompt=f"{marker} a cat")
+    assert answer.status_code == status
+    assert answer.json["status"] == "error" and answer.json["error"]["code"] == code
+    assert "image service" in answer.json["error"]["message"]
+
+
+def test_flaky_polls_still_deliver(client):
+    assert generate(client, prompt="[flaky-polls=3] a cat").status_code == 200
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params, mentions",
+    [
+        ({}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 5001}, "5000"),
+        ({"prompt": "x" * 20001, "model": "nano-banana-2"}, "20000"),
+        ({"prompt": "a", "model": "banana-max"}, "model"),
+        ({"prompt": "a", "image_url": "ftp://x.test/a.png"}, "image_url"),
+        ({"prompt": "a", "image_url": "not a url"}, "image_url"),
+        ({"prompt": "a", "image_url": ",".join(f"https://x.test/{n}" for n in range(11))}, "at most 10"),
+        (
+            {"prompt": "a", "model": "nano-banana-pro", "image_url": ",".join(f"https://x.test/{n}" for n in range(9))},
+            "at most 8",
+        ),
+        (
+            {"prompt": "a", "model": "nano-banana-2", "image_url": ",".join(f"https://x.test/{n}" for n in range(15))},
+            "at most 14",
+        ),
+        ({"prompt": "a", "resolution": "2K"}, "resolution"),
+        ({"prompt": "a", "model": "nano-banana-pro", "resolution": "8K"}, "resolution"),
+        ({"prompt": "a", "aspect_ratio": "auto"}, "aspect_ratio"),
+        ({"prompt": "a", "model": "nano-banana-pro", "aspect_ratio": "1:8"}, "aspect_ratio"),
+        ({"prompt": "a", "num_images": "5"}, "num_images"),
+        ({"prompt": "a", "num_images": "two"}, "num_images"),
+        ({"prompt": "a", "num_images": "2", "model": "nano-banana-2"}, "num_images"),
+        ({"prompt": "a", "reset": "maybe"}, "reset"),
+        ({"prompt": "a", "wait": "-1"}, "wait"),
+        ({"prompt": "a", "wait": "soon"}, "wait"),
+        ({"prompt": "a", "wait": "nan"}, "wait"),
+        ({"prompt": "a", "format": "xml"}, "format"),
+        ({"prompt": "a", "user_id": "u" * 129}, "user_id"),
+    ],
+)
+def test_bad_input_is_400_naming_the_parameter(client, emulated, params, mentions):
+    answer = generate(client, **params)
+    assert answer.status_code == 400
+    assert answer.json["status"] == "error"
+    assert answer.json["error"]["code"] == "invalid_request"
+    assert mentions in answer.json["error"]["message"]
+    assert emulated.submissions() == []  # no credits spent on a bad request
+
+
+def test_json_body_must_be_an_object(client):
+    answer = client.post("/nanobanana", json=["a cat"])
+    assert answer.status_code == 400 and "JSON object" in answer.json["error"]["message"]
+
+
+def test_wait_above_the_window_is_clamped(client):
+    assert generate(client, prompt="a cat", wait="9999").status_code == 200
+
+
+# -- every error is JSON ------------------------------------------------------------------------
+
+
+def test_unknown_path_is_json_404(client):
+    answer = client.get("/nope")
+    assert answer.status_code == 404 and answer.json["error"]["code"] == "not_found"
+
+
+def test_wrong_method_is_json_405(client):
+    answer = client.put("/nanobanana")
+    assert answer.status_code == 405
+    assert answer.json["error"]["code"] == "method_not_allowed"
+    assert "GET or POST" in answer.json["error"]["message"]
+
+
+def test_body_over_one_mebibyte_is_413(client):
+    answer = client.post("/nanobanana", data={"prompt": "x" * (1024 * 1024 + 1)})
+    assert answer.status_code == 413 and answer.json["error"]["code"] == "too_large"
+
+
+def test_unexpected_failure_is_json_500_without_a_trace(settings, session):
+    class BrokenStore:
+        name = "broken"
+
+        def remembered_image(self, user_id):
+            raise RuntimeError("disk on fire at /srv/secret/path")
+
+    client = create_app(settings, session=session, store=BrokenStore()).test_client()
+    answer = generate(client, prompt="a cat", user_id="alice")
+    assert answer.status_code == 500
+    assert answer.json["error"]["code"] == "internal_error"
+    assert "disk on fire" not in answer.text and "Traceback" not in answer.text

@@ -1,0 +1,71 @@
+"""Settings from the environment and `.env`: defaults, key order, one clear line per bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import ConfigError, load_settings
+
+
+def settings_from(**environ):
+    return load_settings(environ, env_file=None)
+
+
+def test_defaults_match_the_contract():
+    settings = settings_from()
+    assert settings.api_keys == ()
+    assert not settings.configured
+    assert settings.api_base == "https://api.nanobananaapi.ai"
+    assert (settings.poll_interval, settings.poll_max_attempts) == (2.0, 30)
+    assert settings.polling_window == 60.0
+    assert (settings.port, settings.web_concurrency) == (8000, 1)
+    assert (settings.history_ttl, settings.history_max_users) == (604800, 10000)
+
+
+def test_keys_in_the_order_of_their_number():
+    settings = settings_from(API_KEYS_10="ten", API_KEYS_2="two", API_KEYS_1="one", API_KEYS_3=" ")
+    assert settings.api_keys == ("one", "two", "ten")
+
+
+def test_keys_never_appear_in_repr():
+    assert "secret-value" not in repr(settings_from(API_KEYS_1="secret-value"))
+
+
+def test_float_poll_interval():
+    assert settings_from(POLL_INTERVAL="0.05").poll_interval == 0.05
+
+
+def test_environment_wins_over_env_file(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("API_KEYS_1=from-file\nPOLL_INTERVAL=3\n")
+    settings = load_settings({"POLL_INTERVAL": "1"}, env_file=str(env_file))
+    assert settings.api_keys == ("from-file",)
+    assert settings.poll_interval == 1.0
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("POLL_INTERVAL", "fast"),
+        ("POLL_INTERVAL", "-1"),
+        ("POLL_INTERVAL", "nan"),
+        ("POLL_MAX_ATTEMPTS", "2.5"),
+        ("POLL_MAX_ATTEMPTS", "0"),
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("HISTORY_TTL", "a week"),
+        ("HISTORY_MAX_USERS", "0"),
+        ("NANOBANANA_API_BASE", "api.nanobananaapi.ai"),
+        ("WEB_CONCURRENCY", "many"),
+    ],
+)
+def test_bad_value_names_the_variable(name, value):
+    with pytest.raises(ConfigError) as caught:
+        settings_from(**{name: value})
+    message = str(caught.value)
+    assert message.startswith(name) and "\n" not in message
+
+
+def test_several_workers_need_shared_state():
+    with pytest.raises(ConfigError, match="WEB_CONCURRENCY=2.*split the in-memory history"):
+        settings_from(WEB_CONCURRENCY="2")

@@ -1,0 +1,210 @@
+"""The whole service over real HTTP: gunicorn started as the Procfile says, the emulator as upstream."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from emulator import Upstream, create_emulator
+
+ROOT = Path(__file__).resolve().parent.parent
+EMPTY_KEY = secrets.token_hex(16)  # a key without credits, tried first
+GOOD_KEY = secrets.token_hex(16)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def procfile_command() -> list[str]:
+    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    return shlex.split(line.removeprefix("web:"))
+
+
+class Service:
+    """gunicorn running the Procfile's command with the given environment."""
+
+    def __init__(self, environ: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
+        env.update(environ, PORT=str(self.port), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            procfile_command(), cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self) -> Service:
+        def ready():
+            assert self.process.poll() is None, f"gunicorn exited: {self.log_path.read_text()}"
+            try:
+                return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, timeout=30)
+        return self
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kwargs)
+
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+        return self.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    state = Upstream(delay=0.1, keys={EMPTY_KEY: 0, GOOD_KEY: 1000})
+    server = make_server("127.0.0.1", 0, create_emulator(state), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_port}"
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(upstream, tmp_path_factory):
+    environ = {
+        "API_KEYS_1": EMPTY_KEY,
+        "API_KEYS_2": GOOD_KEY,
+        "NANOBANANA_API_BASE": upstream.url,
+        "POLL_INTERVAL": "0.05",
+        "POLL_MAX_ATTEMPTS": "20",
+    }
+    running = Service(environ, tmp_path_factory.mktemp("logs") / "service.log").wait_ready()
+    yield running
+    output = running.stop()
+    assert EMPTY_KEY not in output and GOOD_KEY not in output, "an API key reached the logs"
+
+
+def generate(service: Service, **params) -> requests.Response:
+    return service.get("/nanobanana", params=params)
+
+
+def test_a_conversation(service, upstream):
+    first = generate(service, prompt="a cat", user_id="me")
+    assert first.status_code == 200, first.text
+    picture = requests.get(first.json()["image_url"], timeout=5)
+    assert picture.headers["Content-Type"].startswith("image/svg+xml") and "a cat" in picture.text
+
+    edit = generate(service, prompt="make it blue", user_id="me").json()
+    assert edit["mode"] == "image-to-image" and edit["used_previous_image"] is True
+    assert edit["source_image_urls"] == [first.json()["image_url"]]
+    assert "edited from 1 picture" in requests.get(edit["image_url"], timeout=5).text
+
+    explicit = generate(service, prompt="add a hat", user_id="me", image_url="https://example.com/dog.png").json()
+    assert explicit["source_image_urls"] == ["https://example.com/dog.png"]
+
+    failed = generate(service, prompt="[fail] now in green", user_id="me")
+    assert failed.status_code == 502 and failed.json()["error"]["code"] == "generation_failed"
+    assert service.get("/nanobanana/history/me").json()["last_image_url"] == explicit["image_url"]
+
+    restarted = generate(service, prompt="a fresh start", user_id="me", reset="1").json()
+    assert restarted["mode"] == "text-to-image"
+    assert service.get("/nanobanana/history/me").json()["last_image_url"] == restarted["image_url"]
+
+
+def test_a_wait_that_runs_out_completes_later(service):
+    generate(service, prompt="a boat", user_id="late")
+    pending = generate(service, prompt="[delay=2] make it red", user_id="late")
+    assert pending.status_code == 202
+    status_url = pending.json()["status_url"]
+    assert pending.headers["Location"] == status_url and status_url.startswith(service.url)
+    done = wait_until(lambda: (r := requests.get(status_url, timeout=5)).status_code == 200 and r, timeout=10)
+    assert done.json()["used_previous_image"] is True
+    assert service.get("/nanobanana/history/late").json()["last_image_url"] == done.json()["image_url"]
+
+
+def test_key_without_credits_is_rotated_to_the_next(service, upstream):
+    body = generate(service, prompt="a tree").json()
+    assert upstream.tasks[body["task_id"]].key == GOOD_KEY
+    keys = service.get("/nanobanana/credits").json()["keys"]
+    assert keys == [
+        {"key": 1, "credits": 0, "usable": False},
+        {"key": 2, "credits": keys[1]["credits"], "usable": True},
+    ]
+
+
+@pytest.mark.parametrize(
+    "method, path, status, code",
+    [
+        ("GET", "/nanobanana", 400, "invalid_request"),
+        ("GET", "/nanobanana?prompt=a&model=nope", 400, "invalid_request"),
+        ("GET", "/nanobanana?prompt=a&image_url=file:///etc/passwd", 400, "invalid_request"),
+        ("GET", "/nanobanana?prompt=a&num_images=9", 400, "invalid_request"),
+        ("GET", "/nanobanana/tasks/unknown", 404, "not_found"),
+        ("GET", "/no/such/page", 404, "not_found"),
+        ("DELETE", "/nanobanana", 405, "method_not_allowed"),
+    ],
+)
+def test_bad_input_over_http(service, method, path, status, code):
+    answer = requests.request(method, service.url + path, timeout=10)
+    assert answer.status_code == status
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.json()["error"]["code"] == code
+
+
+def test_large_body_is_413(service):
+    answer = requests.post(f"{service.url}/nanobanana", data={"prompt": "x" * (2 * 1024 * 1024)}, timeout=10)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "too_large"
+
+
+def test_many_requests_at_once_all_succeed(service):
+    results: list[int] = []
+
+    def one(n: int) -> None:
+        results.append(generate(service, prompt=f"[delay=0.5] picture {n}", user_id=f"crowd-{n}").status_code)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [200] * 40
+
+
+def test_start_without_keys_is_demo_ready_but_not_configured(upstream, tmp_path):
+    unconfigured = Service({"NANOBANANA_API_BASE": upstream.url}, tmp_path / "bare.log").wait_ready()
+    try:
+        assert unconfigured.get("/healthz").json()["configured"] is False
+        answer = generate(unconfigured, prompt="a cat")
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "not_configured"
+    finally:
+        output = unconfigured.stop()
+    assert "No API key is configured" in output
+
+
+def test_bad_setting_stops_start_up_with_one_clear_line(tmp_path):
+    bad = Service({"POLL_INTERVAL": "fast"}, tmp_path / "bad.log")
+    assert bad.process.wait(timeout=30) != 0
+    output = bad.stop()
+    assert "POLL_INTERVAL='fast' is not a number" in output
+    assert "Traceback" not in output
