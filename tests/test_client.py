@@ -56,6 +56,11 @@ def client(fake_time, mocked) -> NanoBananaClient:
     )
 
 
+def upstream_calls(mocked) -> list:
+    """The calls to the upstream; a stray callback from an emulator thread of another test is not one."""
+    return [call for call in mocked.calls if call.request.url.startswith(UPSTREAM)]
+
+
 def sent_json(call) -> dict:
     return json.loads(call.request.body)
 
@@ -80,7 +85,7 @@ def test_text_to_image_uses_misspelled_type_and_first_key(client, mocked):
     mocked.post(GENERATE, json=ACCEPTED)
     task = client.submit(Generation(prompt="a cat", aspect_ratio="16:9"))
     assert task.task_id == "task-1" and task.key_number == 1
-    call = mocked.calls[0]
+    call = upstream_calls(mocked)[0]
     assert call.request.headers["Authorization"] == "Bearer key-one"
     assert sent_json(call) == {
         "prompt": "a cat",
@@ -94,7 +99,7 @@ def test_text_to_image_uses_misspelled_type_and_first_key(client, mocked):
 def test_image_to_image_sends_the_images(client, mocked):
     mocked.post(GENERATE, json=ACCEPTED)
     client.submit(Generation(prompt="make it blue", image_urls=("https://x.test/a.png",), num_images=2))
-    body = sent_json(mocked.calls[0])
+    body = sent_json(upstream_calls(mocked)[0])
     assert body["type"] == "IMAGETOIAMGE"
     assert body["imageUrls"] == ["https://x.test/a.png"]
     assert body["numImages"] == 2
@@ -104,14 +109,14 @@ def test_pro_model_uses_its_own_fields_and_message_key(client, mocked):
     mocked.post(GENERATE_PRO, json={"code": 200, "message": "success", "data": {"taskId": "pro-1"}})
     task = client.submit(Generation(prompt="a cat", model="nano-banana-pro", aspect_ratio="auto", resolution="4K"))
     assert task.task_id == "pro-1"
-    body = sent_json(mocked.calls[0])
+    body = sent_json(upstream_calls(mocked)[0])
     assert body == {"prompt": "a cat", "callBackUrl": CALLBACK_PLACEHOLDER, "aspectRatio": "auto", "resolution": "4K"}
 
 
 def test_model_2_sends_empty_image_list_for_text_to_image(client, mocked):
     mocked.post(GENERATE_2, json={"code": 200, "msg": "success", "data": {"taskId": "two-1"}})
     client.submit(Generation(prompt="a cat", model="nano-banana-2", aspect_ratio="8:1"))
-    body = sent_json(mocked.calls[0])
+    body = sent_json(upstream_calls(mocked)[0])
     assert body["imageUrls"] == [] and body["aspectRatio"] == "8:1"
     assert "type" not in body and "numImages" not in body
 
@@ -126,9 +131,8 @@ def test_refused_key_is_set_aside_and_next_key_used(client, mocked, fake_time, c
     mocked.post(GENERATE, json=ACCEPTED)
     assert client.submit(Generation(prompt="a")).key_number == 2
     assert client.submit(Generation(prompt="b")).key_number == 2  # key 1 is not asked again
-    assert [c.request.headers["Authorization"] for c in mocked.calls] == ["Bearer key-one", "Bearer key-two"] * 1 + [
-        "Bearer key-two"
-    ]
+    keys_used = [call.request.headers["Authorization"] for call in upstream_calls(mocked)]
+    assert keys_used == ["Bearer key-one", "Bearer key-two", "Bearer key-two"]
     fake_time.now += 601
     mocked.post(GENERATE, json=ACCEPTED)
     assert client.submit(Generation(prompt="c")).key_number == 1
@@ -138,7 +142,7 @@ def test_no_usable_key_is_unavailable(client, mocked):
     mocked.post(GENERATE, json={"code": 402, "msg": "Credits insufficient"})
     with pytest.raises(UpstreamUnavailable, match="out of credits"):
         client.submit(Generation(prompt="a"))
-    assert len(mocked.calls) == 2
+    assert len(upstream_calls(mocked)) == 2
 
 
 def test_http_status_error_with_code_in_body_is_read_from_body(client, mocked):
@@ -166,7 +170,7 @@ def test_submission_is_retried_when_certainly_not_created(client, mocked, fake_t
     mocked.post(GENERATE, **failure)
     mocked.post(GENERATE, json=ACCEPTED)
     assert client.submit(Generation(prompt="a")).task_id == "task-1"
-    assert len(mocked.calls) == 3
+    assert len(upstream_calls(mocked)) == 3
     assert fake_time.sleeps == [0.5, 1.0]
 
 
@@ -174,7 +178,7 @@ def test_retries_stop_after_two(client, mocked):
     mocked.post(GENERATE, json={"code": 429, "msg": "slow down"}, headers={"Retry-After": "3"})
     with pytest.raises(UpstreamUnavailable) as caught:
         client.submit(Generation(prompt="a"))
-    assert len(mocked.calls) == 3
+    assert len(upstream_calls(mocked)) == 3
     assert caught.value.retry_after == 3
 
 
@@ -192,14 +196,14 @@ def test_submission_with_unknown_outcome_is_not_retried(client, mocked, lost):
     mocked.post(GENERATE, body=lost)
     with pytest.raises(SubmissionUncertain, match="not retried"):
         client.submit(Generation(prompt="a"))
-    assert len(mocked.calls) == 1
+    assert len(upstream_calls(mocked)) == 1
 
 
 def test_misspelling_rejection_is_an_upstream_error_not_retried(client, mocked):
     mocked.post(GENERATE, json={"code": 422, "msg": "type is invalid"})
     with pytest.raises(UpstreamError, match="422"):
         client.submit(Generation(prompt="a"))
-    assert len(mocked.calls) == 1
+    assert len(upstream_calls(mocked)) == 1
 
 
 def test_content_refusal_is_rejected_with_upstream_reason(client, mocked):
@@ -216,7 +220,7 @@ def test_unusable_acceptance_is_an_upstream_error(client, mocked, answer):
     mocked.post(GENERATE, **answer)
     with pytest.raises(UpstreamError):
         client.submit(Generation(prompt="a"))
-    assert len(mocked.calls) == 1
+    assert len(upstream_calls(mocked)) == 1
 
 
 # -- status --------------------------------------------------------------------------------
@@ -225,7 +229,7 @@ def test_unusable_acceptance_is_an_upstream_error(client, mocked, answer):
 def test_status_polls_with_task_id_and_the_tasks_own_key(client, mocked):
     mocked.get(RECORD_INFO, json=record(0))
     assert client.status(Task("task-1", 2, 0.0)).state == "pending"
-    request = mocked.calls[0].request
+    request = upstream_calls(mocked)[0].request
     assert request.url == f"{RECORD_INFO}?taskId=task-1"
     assert request.headers["Authorization"] == "Bearer key-two"
 
@@ -287,7 +291,7 @@ def test_wait_polls_every_interval_until_success(client, mocked, fake_time):
     status = client.wait(task, timeout=60)
     assert status.image_urls == ("https://f.test/1.png",)
     assert fake_time.now - task.submitted_at == pytest.approx(6.0)
-    assert len(mocked.calls) == 3
+    assert len(upstream_calls(mocked)) == 3
 
 
 def test_failed_polls_count_and_polling_goes_on(client, mocked, fake_time):
@@ -296,14 +300,14 @@ def test_failed_polls_count_and_polling_goes_on(client, mocked, fake_time):
     mocked.get(RECORD_INFO, json=record(1, {"resultImageUrl": "https://f.test/1.png"}))
     status = client.wait(Task("task-1", 1, fake_time.now), timeout=60)
     assert status.state == "success"
-    assert len(mocked.calls) == 3
+    assert len(upstream_calls(mocked)) == 3
 
 
 def test_wait_gives_up_after_max_attempts(client, mocked, fake_time):
     mocked.get(RECORD_INFO, json=record(0))
     task = Task("task-1", 1, fake_time.now)
     assert client.wait(task, timeout=600).state == "pending"
-    assert len(mocked.calls) == 5
+    assert len(upstream_calls(mocked)) == 5
     assert fake_time.now - task.submitted_at == pytest.approx(10.0)
 
 
@@ -311,14 +315,14 @@ def test_shorter_wait_polls_less_and_a_later_wait_goes_on_with_the_schedule(clie
     mocked.get(RECORD_INFO, json=record(0))
     task = Task("task-1", 1, fake_time.now)
     assert client.wait(task, timeout=4.5).state == "pending"
-    assert len(mocked.calls) == 2
+    assert len(upstream_calls(mocked)) == 2
     client.wait(task, timeout=600)
-    assert len(mocked.calls) == 5  # never more than poll_max_attempts in the task's life
+    assert len(upstream_calls(mocked)) == 5  # never more than poll_max_attempts in the task's life
 
 
 def test_wait_zero_does_not_poll(client, mocked, fake_time):
     assert client.wait(Task("task-1", 1, fake_time.now), timeout=0).state == "pending"
-    assert len(mocked.calls) == 0
+    assert len(upstream_calls(mocked)) == 0
 
 
 # -- credits ---------------------------------------------------------------------------------
