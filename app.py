@@ -49,7 +49,8 @@ class Service:
     store: Store
 
     def generate(self, generation: Generation, user_id: str | None, reset: bool, wait: float) -> TaskRecord:
-        """Submit, record, and wait up to `wait` seconds; a task still running is followed in the background."""
+        """Submit, record, and wait up to `wait` seconds in all; a task still running is followed in the background."""
+        deadline = time.monotonic() + wait
         if not self.settings.configured:
             raise ApiError(503, "not_configured", "This service has no API key yet. Its owner needs to set API_KEYS_1.")
         if reset and user_id:
@@ -67,7 +68,7 @@ class Service:
                 created_at=time.time(),
             )
         )
-        status = self.client.wait(task, wait)
+        status = self.client.wait(task, max(0.0, deadline - time.monotonic()))
         if status.done:
             return self._complete(record.task_id, status)
         threading.Thread(target=self._follow, args=(task,), name=f"follow-{task.task_id}", daemon=True).start()

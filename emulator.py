@@ -9,6 +9,7 @@ Behaviour is chosen per task by markers in the prompt:
   [fail]             the generation fails (successFlag 3)
   [create-fail]      the task cannot be created (successFlag 2)
   [flaky-polls=N]    the first N status polls of the task answer HTTP 500 with an HTML page
+  [poll-hang=S]      every status poll of the task is answered only after S seconds
   [submit-code=C]    the submission answers body code C with HTTP 200 (429, 455, 500, 501, ...)
   [submit-http=C]    the submission answers HTTP C with a non-JSON page
   [submit-hang=S]    the task is created, but the answer is held back S seconds
@@ -172,6 +173,8 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
             task.polls += 1
             if task.polls <= int(task.markers.get("flaky-polls", 0)):
                 return Response("<html>Internal Server Error</html>", 500, mimetype="text/html")
+        if "poll-hang" in task.markers:
+            time.sleep(float(task.markers["poll-hang"]))
         return envelope(200, "success", record(task))
 
     @app.get("/api/v1/common/credit")

@@ -147,6 +147,12 @@ class KeyRing:
     def usable(self) -> list[tuple[int, str]]:
         return [(n, key) for n, key in enumerate(self.keys, start=1) if self.is_usable(n)]
 
+    def seconds_until_usable(self) -> float:
+        """How long until the first set-aside key may be tried again."""
+        with self._lock:
+            now = self.clock()
+            return max(0.0, min(self._benched_until.values(), default=now) - now)
+
     def bench(self, number: int) -> None:
         with self._lock:
             self._benched_until[number] = self.clock() + self.bench_seconds
@@ -207,7 +213,7 @@ class NanoBananaClient:
         raise UpstreamUnavailable(
             "None of the service's API keys can be used right now: they are out of credits or were "
             "rejected by the image service. Please tell the owner of this service.",
-            retry_after=self.keys.bench_seconds,
+            retry_after=self.keys.seconds_until_usable() or None,
         )
 
     def _submit_with_key(self, path: str, body: dict, key: str) -> str:

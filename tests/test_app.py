@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from app import create_app
 from config import Settings
 from tests.conftest import UPSTREAM
+from tests.helpers import wait_until
 
 
 def generate(client, **params):
     return client.get("/nanobanana", query_string=params)
-
-
-def wait_until(condition, timeout: float = 5.0, every: float = 0.02):
-    """Return condition()'s first truthy value, failing if none comes within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def sent_params(upstream, task_id: str) -> dict:

@@ -140,9 +140,10 @@ def test_refused_key_is_set_aside_and_next_key_used(client, mocked, fake_time, c
 
 def test_no_usable_key_is_unavailable(client, mocked):
     mocked.post(GENERATE, json={"code": 402, "msg": "Credits insufficient"})
-    with pytest.raises(UpstreamUnavailable, match="out of credits"):
+    with pytest.raises(UpstreamUnavailable, match="out of credits") as caught:
         client.submit(Generation(prompt="a"))
     assert len(upstream_calls(mocked)) == 2
+    assert caught.value.retry_after == 600
 
 
 def test_http_status_error_with_code_in_body_is_read_from_body(client, mocked):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -14,29 +13,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from werkzeug.serving import make_server
 
 from emulator import Upstream, create_emulator
+from tests.helpers import free_port, serving, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EMPTY_KEY = secrets.token_hex(16)  # a key without credits, tried first
 GOOD_KEY = secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition, timeout: float, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def procfile_command() -> list[str]:
@@ -82,12 +65,9 @@ class Service:
 @pytest.fixture(scope="module")
 def upstream():
     state = Upstream(delay=0.1, keys={EMPTY_KEY: 0, GOOD_KEY: 1000})
-    server = make_server("127.0.0.1", 0, create_emulator(state), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_port}"
-    yield state
-    server.shutdown()
+    with serving(create_emulator(state)) as url:
+        state.url = url
+        yield state
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +121,13 @@ def test_a_wait_that_runs_out_completes_later(service):
     done = wait_until(lambda: (r := requests.get(status_url, timeout=5)).status_code == 200 and r, timeout=10)
     assert done.json()["used_previous_image"] is True
     assert service.get("/nanobanana/history/late").json()["last_image_url"] == done.json()["image_url"]
+
+
+def test_a_hung_upstream_does_not_hold_the_request_past_its_wait(service):
+    started = time.monotonic()
+    answer = generate(service, prompt="[poll-hang=20] a slow cat", wait="1")
+    assert answer.status_code == 202
+    assert time.monotonic() - started < 1 + 2  # the wait, plus the shortest read time-out and some slack
 
 
 def test_key_without_credits_is_rotated_to_the_next(service, upstream):
