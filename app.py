@@ -23,7 +23,7 @@ from nanobanana_client import (
     UpstreamUnavailable,
 )
 from params import InvalidParameter, parse_format, parse_generation, parse_user_id
-from store import MemoryStore, Store, TaskRecord
+from store import MemoryStore, RedisStore, Store, StoreUnavailable, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class Service:
         )
         status = self.client.wait(task, max(0.0, deadline - time.monotonic()))
         if status.done:
-            return self._complete(record.task_id, status)
-        threading.Thread(target=self._follow, args=(task,), name=f"follow-{task.task_id}", daemon=True).start()
+            return self._complete(record, status)
+        threading.Thread(target=self._follow, args=(record, task), name=f"follow-{task.task_id}", daemon=True).start()
         return record
 
     def refresh(self, record: TaskRecord) -> TaskRecord:
@@ -83,7 +83,7 @@ class Service:
         except NanoBananaError as failure:
             log.info("status of task %s unknown: %s", record.task_id, failure.message)
             return record
-        return self._complete(record.task_id, status) if status.done else record
+        return self._complete(record, status) if status.done else record
 
     def _choose_images(self, generation: Generation, user_id: str | None) -> tuple[Generation, bool]:
         """Explicit images first, else the user's remembered image, else none."""
@@ -94,14 +94,19 @@ class Service:
             return generation, False
         return replace(generation, image_urls=(remembered.image_url,)), True
 
-    def _follow(self, task: Task) -> None:
+    def _follow(self, record: TaskRecord, task: Task) -> None:
         """Go on polling a task whose caller stopped waiting, so its result is remembered when it comes."""
         status = self.client.wait(task, self.settings.polling_window)
         if status.done:
-            self._complete(task.task_id, status)
+            self._complete(record, status)
 
-    def _complete(self, task_id: str, status: TaskStatus) -> TaskRecord:
-        return self.store.complete_task(task_id, status.state, status.image_urls, status.error_message)
+    def _complete(self, record: TaskRecord, status: TaskStatus) -> TaskRecord:
+        """Record the task's end; if the store is away, the caller still gets the picture."""
+        try:
+            return self.store.complete_task(record.task_id, status.state, status.image_urls, status.error_message)
+        except StoreUnavailable:
+            log.error("could not record the end of task %s: the store is unavailable", record.task_id)
+            return replace(record, state=status.state, image_urls=status.image_urls, error_message=status.error_message)
 
 
 def create_app(settings: Settings | None = None, *, session=None, store: Store | None = None) -> Flask:
@@ -123,13 +128,19 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
         credit_path=settings.credit_path,
         retry_backoff=settings.submit_retry_backoff,
     )
-    store = store or MemoryStore(settings.history_ttl, settings.history_max_users)
+    store = store or new_store(settings)
     app.extensions["nanobanana"] = Service(settings, client, store)
     app.register_blueprint(bp)
     app.register_error_handler(Exception, handle_error)
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
     return app
+
+
+def new_store(settings: Settings) -> Store:
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, settings.history_ttl)
+    return MemoryStore(settings.history_ttl, settings.history_max_users)
 
 
 def service() -> Service:
@@ -190,7 +201,7 @@ def healthz():
         "status": "ok",
         "configured": settings.configured,
         "api_keys": len(settings.api_keys),
-        "store": service().store.name,
+        "store": settings.store_name,
     }
 
 
@@ -322,6 +333,10 @@ def to_api_error(error: Exception) -> ApiError:
         return ApiError(503, "upstream_unavailable", error.message, headers)
     if isinstance(error, UpstreamError):
         return ApiError(502, "upstream_error", error.message)
+    if isinstance(error, StoreUnavailable):
+        log.error("store unavailable: %s", error)
+        message = "The service cannot reach its memory (Redis) right now. Please try again in a minute."
+        return ApiError(503, "store_unavailable", message, {"Retry-After": "30"})
     if isinstance(error, HTTPException):
         return http_api_error(error)
     log.exception("unexpected error", exc_info=error)

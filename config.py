@@ -31,6 +31,7 @@ class Settings:
     poll_max_attempts: int = 30
     port: int = 8000
     web_concurrency: int = 1
+    redis_url: str | None = None
     history_ttl: int = 604800
     history_max_users: int = 10000
     connect_timeout: float = 5.0
@@ -48,7 +49,11 @@ class Settings:
         return self.poll_interval * self.poll_max_attempts
 
     def __repr__(self) -> str:  # never print the keys themselves
-        return f"Settings(api_keys=<{len(self.api_keys)} keys>, api_base={self.api_base!r}, ...)"
+        return f"Settings(api_keys=<{len(self.api_keys)} keys>, api_base={self.api_base!r}, store={self.store_name!r})"
+
+    @property
+    def store_name(self) -> str:
+        return "redis" if self.redis_url else "memory"
 
 
 def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
@@ -62,10 +67,11 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
 
 def _parse(env: Mapping[str, str]) -> Settings:
     web_concurrency = _integer(env, "WEB_CONCURRENCY", 1, minimum=1)
-    if web_concurrency > 1:
+    redis_url = _redis_url(env)
+    if web_concurrency > 1 and not redis_url:
         raise ConfigError(
-            f"WEB_CONCURRENCY={web_concurrency}: more than one worker would split the in-memory "
-            "history between processes; set WEB_CONCURRENCY=1"
+            f"WEB_CONCURRENCY={web_concurrency} needs REDIS_URL: without it each worker would keep its own "
+            "history and conversations would split between them; set REDIS_URL or WEB_CONCURRENCY=1"
         )
     return Settings(
         api_keys=_api_keys(env),
@@ -75,6 +81,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         poll_max_attempts=_integer(env, "POLL_MAX_ATTEMPTS", 30, minimum=1),
         port=_integer(env, "PORT", 8000, minimum=1, maximum=65535),
         web_concurrency=web_concurrency,
+        redis_url=redis_url,
         history_ttl=_integer(env, "HISTORY_TTL", 604800, minimum=1),
         history_max_users=_integer(env, "HISTORY_MAX_USERS", 10000, minimum=1),
     )
@@ -88,6 +95,13 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
         if match and value.strip():
             numbered.append((int(match.group(1)), value.strip()))
     return tuple(key for _, key in sorted(numbered))
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    value = env.get("REDIS_URL", "").strip()
+    if value and not re.match(r"(rediss?|unix)://", value):
+        raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://, like redis://localhost:6379/0")
+    return value or None
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:

@@ -17,6 +17,7 @@ Behaviour is chosen per task by markers in the prompt:
   [callback-delay=S] the callback comes S seconds after the result
 
 Run it alone:  python emulator.py --port 9000 --delay 3 --key demo-key=100 --key empty-key=0
+(served by gunicorn with gevent, like the service)
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import hashlib
 import heapq
 import html
 import json
-import logging
 import re
 import textwrap
 import threading
@@ -35,7 +35,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import requests
 from flask import Flask, Response, jsonify, request
 
 BASE_RATIOS = {"1:1", "9:16", "16:9", "3:4", "4:3", "3:2", "2:3", "5:4", "4:5", "21:9"}
@@ -67,6 +66,11 @@ class EmulatedTask:
     image_urls: list[str]
     markers: dict[str, str]
     polls: int = 0
+
+    @property
+    def ready_wall_time(self) -> float:
+        """When the result exists, on the wall clock, for benchmarks in other processes."""
+        return time.time() + (self.ready_at - time.monotonic())
 
 
 @dataclass
@@ -187,6 +191,13 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
             credits = upstream.keys[key] if upstream.keys is not None else 1000.0
         return envelope(200, "success", credits)
 
+    @app.get("/emulator/tasks")
+    def task_report():
+        """Not part of the upstream: when each task's result existed and how often it was polled."""
+        with upstream.lock:
+            tasks = list(upstream.tasks.values())
+        return jsonify({t.task_id: {"ready_at": t.ready_wall_time, "polls": t.polls} for t in tasks})
+
     @app.get("/files/<task_id>/<int:number>.svg")
     def picture(task_id: str, number: int):
         task = upstream.tasks.get(task_id)
@@ -296,6 +307,8 @@ class CallbackSender:
             self._wake.notify()
 
     def _run(self) -> None:
+        import requests  # here, not at the top: under gunicorn, gevent patches ssl before this runs
+
         session = requests.Session()
         while True:
             with self._wake:
@@ -348,11 +361,24 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=3.0, help="seconds a generation takes")
     parser.add_argument("--key", action="append", default=[], help="NAME=CREDITS; repeat; none: any key works")
     args = parser.parse_args()
-    from werkzeug.serving import run_simple
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per poll drowns the service's log
-    app = create_emulator(Upstream(delay=args.delay, keys=parse_keys(args.key)))
-    run_simple(args.host, args.port, app, threaded=True)
+    from gunicorn.app.base import BaseApplication
+
+    class EmulatorServer(BaseApplication):
+        """gunicorn with gevent, so the emulator keeps up with a thousand waiting requests in benchmarks."""
+
+        def load_config(self):
+            self.cfg.set("bind", f"{args.host}:{args.port}")
+            self.cfg.set("worker_class", "gevent")
+            self.cfg.set("worker_connections", 4000)
+            self.cfg.set("backlog", 4096)
+            self.cfg.set("control_socket_disable", True)
+
+        def load(self):  # in the worker, after gevent has patched the standard library
+            return create_emulator(Upstream(delay=args.delay, keys=parse_keys(args.key)))
+
+    print(f"NanoBanana emulator on http://{args.host}:{args.port} (generation {args.delay:g} s)", flush=True)
+    EmulatorServer().run()
 
 
 if __name__ == "__main__":

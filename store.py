@@ -1,11 +1,12 @@
 """Where the service keeps users' last images and the tasks it created.
 
-`MemoryStore` keeps them in this process; a Redis store implements the same methods
-for several processes. The store knows nothing of HTTP or of the upstream's wire format.
+`MemoryStore` keeps them in this process; `RedisStore` keeps them in Redis, shared by every
+worker and instance. The store knows nothing of HTTP or of the upstream's wire format.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -13,8 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
 TASK_TTL = 24 * 3600
 MAX_TASKS = 100_000
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached right now."""
 
 
 @dataclass(frozen=True)
@@ -154,3 +163,141 @@ class MemoryStore:
                 break
             self._tasks.popitem(last=False)
             self._last_poll.pop(oldest.task_id, None)
+
+
+class RedisStore:
+    """The same store in Redis: every worker and instance sees the same users and tasks.
+
+    Completing a task and forgetting a user are Lua scripts, so the ordering rule holds
+    even when two processes race.
+    """
+
+    name = "redis"
+
+    # KEYS: task; ARGV: state, image_urls (JSON), error_message, completed_at, first image, history TTL, user prefix
+    _COMPLETE = """
+    if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+    redis.call('HSET', KEYS[1], 'state', ARGV[1], 'image_urls', ARGV[2], 'error_message', ARGV[3],
+               'completed_at', ARGV[4])
+    local user = redis.call('HGET', KEYS[1], 'user_id')
+    if ARGV[1] == 'success' and user and user ~= '' then
+        local sequence = tonumber(redis.call('HGET', KEYS[1], 'sequence'))
+        local user_key = ARGV[7] .. user
+        local current = tonumber(redis.call('HGET', user_key, 'sequence')) or -1
+        if current < sequence then
+            redis.call('HSET', user_key, 'image_url', ARGV[5], 'sequence', sequence, 'updated_at', ARGV[4])
+            redis.call('EXPIRE', user_key, ARGV[6])
+        end
+    end
+    return 1
+    """
+    # KEYS: user, sequence counter; ARGV: now, history TTL
+    _FORGET = """
+    local sequence = tonumber(redis.call('GET', KEYS[2])) or 0
+    redis.call('HSET', KEYS[1], 'image_url', '', 'sequence', sequence, 'updated_at', ARGV[1])
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+    """
+
+    def __init__(self, url: str, history_ttl: int, prefix: str = "nanobanana:", clock: Callable[[], float] = time.time):
+        self.history_ttl = history_ttl
+        self.prefix = prefix
+        self.clock = clock
+        self.redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=2,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        )
+        self._complete = self.redis.register_script(self._COMPLETE)
+        self._forget = self.redis.register_script(self._FORGET)
+
+    def remembered_image(self, user_id: str) -> Remembered | None:
+        entry = self._call(self.redis.hgetall, self._user_key(user_id))
+        if not entry.get("image_url"):
+            return None
+        return Remembered(entry["image_url"], float(entry["updated_at"]))
+
+    def forget(self, user_id: str) -> None:
+        self._call(
+            self._forget, keys=[self._user_key(user_id), self._sequence_key], args=[self.clock(), self.history_ttl]
+        )
+
+    def add_task(self, record: TaskRecord) -> TaskRecord:
+        record = replace(record, sequence=self._call(self.redis.incr, self._sequence_key))
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self._task_key(record.task_id), mapping=_task_fields(record))
+            pipe.expire(self._task_key(record.task_id), TASK_TTL)
+            self._call(pipe.execute)
+        return record
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        fields = self._call(self.redis.hgetall, self._task_key(task_id))
+        return _task_record(fields) if fields else None
+
+    def complete_task(
+        self, task_id: str, state: str, image_urls: tuple[str, ...] = (), error_message: str | None = None
+    ) -> TaskRecord | None:
+        args = [state, json.dumps(list(image_urls)), error_message or "", self.clock()]
+        args += [image_urls[0] if image_urls else "", self.history_ttl, self.prefix + "user:"]
+        self._call(self._complete, keys=[self._task_key(task_id)], args=args)
+        return self.task(task_id)
+
+    def claim_poll(self, task_id: str, interval: float) -> bool:
+        key = self.prefix + "polled:" + task_id
+        return bool(self._call(self.redis.set, key, 1, px=max(1, int(interval * 1000)), nx=True))
+
+    def close(self) -> None:
+        self.redis.close()
+
+    @property
+    def _sequence_key(self) -> str:
+        return self.prefix + "sequence"
+
+    def _user_key(self, user_id: str) -> str:
+        return self.prefix + "user:" + user_id
+
+    def _task_key(self, task_id: str) -> str:
+        return self.prefix + "task:" + task_id
+
+    @staticmethod
+    def _call(function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StoreUnavailable(str(error)) from None
+
+
+def _task_fields(record: TaskRecord) -> dict[str, str | int | float]:
+    return {
+        "task_id": record.task_id,
+        "key_number": record.key_number,
+        "user_id": record.user_id or "",
+        "mode": record.mode,
+        "source_image_urls": json.dumps(list(record.source_image_urls)),
+        "used_previous_image": int(record.used_previous_image),
+        "created_at": record.created_at,
+        "sequence": record.sequence,
+        "state": record.state,
+        "image_urls": json.dumps(list(record.image_urls)),
+        "error_message": record.error_message or "",
+        "completed_at": record.completed_at or "",
+    }
+
+
+def _task_record(fields: dict[str, str]) -> TaskRecord:
+    return TaskRecord(
+        task_id=fields["task_id"],
+        key_number=int(fields["key_number"]),
+        user_id=fields["user_id"] or None,
+        mode=fields["mode"],
+        source_image_urls=tuple(json.loads(fields["source_image_urls"])),
+        used_previous_image=fields["used_previous_image"] == "1",
+        created_at=float(fields["created_at"]),
+        sequence=int(fields["sequence"]),
+        state=fields["state"],
+        image_urls=tuple(json.loads(fields["image_urls"])),
+        error_message=fields["error_message"] or None,
+        completed_at=float(fields["completed_at"]) if fields["completed_at"] else None,
+    )

@@ -13,6 +13,7 @@ from requests.structures import CaseInsensitiveDict
 from app import create_app
 from config import Settings
 from emulator import Upstream, create_emulator
+from tests.helpers import RedisServer
 
 UPSTREAM = "http://upstream.test"
 KEYS = ("key-one", "key-two")
@@ -49,6 +50,14 @@ class EmulatorTransport(BaseAdapter):
 
     def close(self):
         pass
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the whole run (a missing one fails the run when CI is set)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

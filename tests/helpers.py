@@ -1,14 +1,25 @@
-"""Small helpers shared by the tests: bounded waiting, and serving a WSGI app on a free port."""
+"""Helpers shared by the tests: bounded waiting, a WSGI app on a free port, redis-server, the service under gunicorn."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
+import redis
+import requests
 from werkzeug.serving import make_server
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_until(condition, timeout: float = 5.0, every: float = 0.02):
@@ -39,3 +50,80 @@ def serving(app) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(timeout=5)
+
+
+class RedisServer:
+    """A real redis-server on a free port, started by the tests; it can be stopped and started again."""
+
+    def __init__(self):
+        executable = shutil.which("redis-server")
+        if executable is None:
+            message = "redis-server is not installed (Debian: apt-get install redis-server)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        self.executable = executable
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: _pings(client), timeout=10)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def procfile_command() -> list[str]:
+    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    return shlex.split(line.removeprefix("web:"))
+
+
+class Service:
+    """gunicorn running the Procfile's command with the given environment."""
+
+    def __init__(self, environ: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
+        env.update(environ, PORT=str(self.port), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            procfile_command(), cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self) -> Service:
+        def ready():
+            assert self.process.poll() is None, f"gunicorn exited: {self.log_path.read_text()}"
+            try:
+                return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, timeout=30)
+        return self
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kwargs)
+
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+        return self.log_path.read_text()

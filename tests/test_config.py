@@ -66,6 +66,13 @@ def test_bad_value_names_the_variable(name, value):
     assert message.startswith(name) and "\n" not in message
 
 
-def test_several_workers_need_shared_state():
-    with pytest.raises(ConfigError, match="WEB_CONCURRENCY=2.*split the in-memory history"):
+def test_several_workers_need_redis():
+    with pytest.raises(ConfigError, match="WEB_CONCURRENCY=2 needs REDIS_URL"):
         settings_from(WEB_CONCURRENCY="2")
+    settings = settings_from(WEB_CONCURRENCY="2", REDIS_URL="redis://localhost:6379/0")
+    assert settings.web_concurrency == 2 and settings.redis_url == "redis://localhost:6379/0"
+
+
+def test_redis_url_must_be_a_redis_address():
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        settings_from(REDIS_URL="localhost:6379")

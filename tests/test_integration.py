@@ -2,64 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import shlex
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from emulator import Upstream, create_emulator
-from tests.helpers import free_port, serving, wait_until
+from tests.helpers import Service, serving, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 EMPTY_KEY = secrets.token_hex(16)  # a key without credits, tried first
 GOOD_KEY = secrets.token_hex(16)
-
-
-def procfile_command() -> list[str]:
-    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
-    return shlex.split(line.removeprefix("web:"))
-
-
-class Service:
-    """gunicorn running the Procfile's command with the given environment."""
-
-    def __init__(self, environ: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
-        env.update(environ, PORT=str(self.port), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            procfile_command(), cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self) -> Service:
-        def ready():
-            assert self.process.poll() is None, f"gunicorn exited: {self.log_path.read_text()}"
-            try:
-                return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(ready, timeout=30)
-        return self
-
-    def get(self, path: str, **kwargs) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kwargs)
-
-    def stop(self) -> str:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
-        return self.log_path.read_text()
 
 
 @pytest.fixture(scope="module")

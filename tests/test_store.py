@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from store import TASK_TTL, MemoryStore, TaskRecord
+from store import TASK_TTL, MemoryStore, RedisStore, Store, StoreUnavailable, TaskRecord
+from tests.helpers import wait_until
 
 
 class Clock:
@@ -23,15 +24,31 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(clock) -> MemoryStore:
+def memory_store(clock) -> MemoryStore:
     return MemoryStore(history_ttl=3600, max_users=3, clock=clock)
 
 
-def new_task(store: MemoryStore, task_id: str, user_id: str | None = "alice") -> TaskRecord:
-    return store.add_task(TaskRecord(task_id, 1, user_id, "text-to-image", (), False, store.clock()))
+@pytest.fixture
+def redis_store(redis_server):
+    store = RedisStore(redis_server.url, history_ttl=3600)
+    store.redis.flushdb()
+    yield store
+    store.close()
 
 
-def image(store: MemoryStore, user_id: str = "alice") -> str | None:
+@pytest.fixture(params=["memory", "redis"])
+def store(request) -> Store:
+    """The behaviour every store shares, checked on each of them."""
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+def new_task(store: Store, task_id: str, user_id: str | None = "alice") -> TaskRecord:
+    return store.add_task(
+        TaskRecord(task_id, 2, user_id, "image-to-image", ("https://x.test/src.png",), True, store.clock())
+    )
+
+
+def image(store: Store, user_id: str = "alice") -> str | None:
     remembered = store.remembered_image(user_id)
     return remembered.image_url if remembered else None
 
@@ -86,39 +103,39 @@ def test_forget_also_bars_results_of_tasks_submitted_before(store):
     assert image(store) == "https://f.test/new.png"
 
 
-def test_image_expires_after_ttl(store, clock):
-    new_task(store, "t1")
-    store.complete_task("t1", "success", ("https://f.test/1.png",))
+def test_image_expires_after_ttl(memory_store, clock):
+    new_task(memory_store, "t1")
+    memory_store.complete_task("t1", "success", ("https://f.test/1.png",))
     clock.now += 3599
-    assert image(store) == "https://f.test/1.png"
+    assert image(memory_store) == "https://f.test/1.png"
     clock.now += 1
-    assert image(store) is None
+    assert image(memory_store) is None
 
 
-def test_least_recently_used_users_are_dropped_first(store):
+def test_least_recently_used_users_are_dropped_first(memory_store):
     for user in ("a", "b", "c"):
-        new_task(store, user, user)
-        store.complete_task(user, "success", (f"https://f.test/{user}.png",))
-    image(store, "a")  # a is used again, so b is now the oldest
-    new_task(store, "d", "d")
-    store.complete_task("d", "success", ("https://f.test/d.png",))
-    assert [image(store, u) is not None for u in ("a", "b", "c", "d")] == [True, False, True, True]
+        new_task(memory_store, user, user)
+        memory_store.complete_task(user, "success", (f"https://f.test/{user}.png",))
+    image(memory_store, "a")  # a is used again, so b is now the oldest
+    new_task(memory_store, "d", "d")
+    memory_store.complete_task("d", "success", ("https://f.test/d.png",))
+    assert [image(memory_store, u) is not None for u in ("a", "b", "c", "d")] == [True, False, True, True]
 
 
-def test_tasks_are_kept_a_day(store, clock):
-    new_task(store, "old")
+def test_tasks_are_kept_a_day(memory_store, clock):
+    new_task(memory_store, "old")
     clock.now += TASK_TTL + 1
-    new_task(store, "new")
-    assert store.task("old") is None
-    assert store.task("new") is not None
+    new_task(memory_store, "new")
+    assert memory_store.task("old") is None
+    assert memory_store.task("new") is not None
 
 
-def test_claim_poll_once_per_interval(store, clock):
-    new_task(store, "t1")
-    assert store.claim_poll("t1", 2.0)
-    assert not store.claim_poll("t1", 2.0)
+def test_claim_poll_once_per_interval(memory_store, clock):
+    new_task(memory_store, "t1")
+    assert memory_store.claim_poll("t1", 2.0)
+    assert not memory_store.claim_poll("t1", 2.0)
     clock.now += 2.0
-    assert store.claim_poll("t1", 2.0)
+    assert memory_store.claim_poll("t1", 2.0)
 
 
 def test_concurrent_completions_update_once(store):
@@ -137,3 +154,50 @@ def test_concurrent_completions_update_once(store):
         thread.join()
     assert len(set(results)) == 1
     assert image(store) == results[0][0]
+
+
+def test_task_record_round_trips(store):
+    added = new_task(store, "t1")
+    assert added.sequence > 0
+    assert store.task("t1") == added
+    done = store.complete_task("t1", "failed", error_message="no picture")
+    assert (done.state, done.error_message, done.image_urls) == ("failed", "no picture", ())
+    assert done.completed_at is not None
+    assert store.task("unknown") is None
+
+
+def test_redis_history_expires_with_its_ttl(redis_store):
+    new_task(redis_store, "t1")
+    redis_store.complete_task("t1", "success", ("https://f.test/1.png",))
+    assert 3590 < redis_store.redis.ttl(redis_store._user_key("alice")) <= 3600
+    assert 0 < redis_store.redis.ttl(redis_store._task_key("t1")) <= TASK_TTL
+
+
+def test_redis_claim_poll_once_per_interval(redis_store):
+    new_task(redis_store, "t1")
+    assert redis_store.claim_poll("t1", 0.2)
+    assert not redis_store.claim_poll("t1", 0.2)
+    wait_until(lambda: redis_store.claim_poll("t1", 0.2), timeout=2)
+
+
+def test_two_processes_share_one_redis(redis_server, redis_store):
+    other = RedisStore(redis_server.url, history_ttl=3600)  # as another worker or instance would
+    new_task(redis_store, "early")
+    new_task(other, "later")
+    other.complete_task("later", "success", ("https://f.test/later.png",))
+    redis_store.complete_task("early", "success", ("https://f.test/early.png",))
+    assert image(redis_store) == image(other) == "https://f.test/later.png"
+    other.close()
+
+
+def test_redis_away_is_store_unavailable_then_recovers(redis_server):
+    store = RedisStore(redis_server.url, history_ttl=3600)
+    new_task(store, "t1")
+    redis_server.stop()
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.task("t1")
+    finally:
+        redis_server.start()
+    assert store.task("t1") is None  # the server came back empty (no persistence), and the store works again
+    store.close()

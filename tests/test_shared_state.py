@@ -1,0 +1,91 @@
+"""Several workers and instances sharing one real Redis, over real HTTP."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+import requests
+
+from emulator import Upstream, create_emulator
+from tests.helpers import Service, serving, wait_until
+
+KEY = "shared-state-key"
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    state = Upstream(delay=0.1, keys={KEY: 1000})
+    with serving(create_emulator(state)) as url:
+        state.url = url
+        yield state
+
+
+@pytest.fixture(scope="module")
+def instances(upstream, redis_server, tmp_path_factory):
+    """Two instances on different ports, two workers each, one Redis."""
+    environ = {
+        "API_KEYS_1": KEY,
+        "NANOBANANA_API_BASE": upstream.url,
+        "POLL_INTERVAL": "0.05",
+        "POLL_MAX_ATTEMPTS": "20",
+        "REDIS_URL": redis_server.url,
+        "WEB_CONCURRENCY": "2",
+    }
+    logs = tmp_path_factory.mktemp("shared")
+    running = [Service(environ, logs / f"instance-{n}.log") for n in (1, 2)]
+    for instance in running:
+        instance.wait_ready()
+    yield running
+    for instance in running:
+        instance.stop()
+
+
+def generate(instance: Service, **params) -> requests.Response:
+    return instance.get("/nanobanana", params=params)
+
+
+def test_each_instance_runs_two_workers_on_redis(instances):
+    for instance in instances:
+        assert instance.get("/healthz").json()["store"] == "redis"
+        assert len(psutil.Process(instance.process.pid).children()) == 2
+
+
+def test_conversation_continues_across_instances(instances):
+    first, second = instances
+    cat = generate(first, prompt="a cat", user_id="wanderer").json()
+    blue = generate(second, prompt="make it blue", user_id="wanderer").json()
+    assert blue["used_previous_image"] is True
+    assert blue["source_image_urls"] == [cat["image_url"]]
+    assert first.get("/nanobanana/history/wanderer").json()["last_image_url"] == blue["image_url"]
+
+
+def test_conversation_continues_across_workers(instances):
+    instance = instances[0]
+    previous = generate(instance, prompt="a boat", user_id="sailor").json()["image_url"]
+    for step in range(8):  # whichever worker takes each step, it edits the step before
+        body = generate(instance, prompt=f"edit {step}", user_id="sailor").json()
+        assert body["source_image_urls"] == [previous]
+        previous = body["image_url"]
+
+
+def test_late_result_completed_by_one_is_visible_to_all(instances):
+    first, second = instances
+    pending = generate(first, prompt="[delay=0.5] a late bird", user_id="owl", wait="0")
+    assert pending.status_code == 202
+    task_path = f"/nanobanana/tasks/{pending.json()['task_id']}"
+    done = wait_until(lambda: (r := second.get(task_path)).status_code == 200 and r, timeout=10)
+    assert first.get(task_path).json()["image_url"] == done.json()["image_url"]
+    assert first.get("/nanobanana/history/owl").json()["last_image_url"] == done.json()["image_url"]
+
+
+def test_redis_away_gives_503_then_recovers(instances, redis_server):
+    instance = instances[0]
+    redis_server.stop()
+    try:
+        for answer in (generate(instance, prompt="a cat", user_id="lost"), instance.get("/nanobanana/history/lost")):
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "store_unavailable"
+            assert "Traceback" not in answer.text
+    finally:
+        redis_server.start()
+    assert wait_until(lambda: generate(instance, prompt="a cat", user_id="found").status_code == 200, timeout=10)
