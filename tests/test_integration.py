@@ -143,9 +143,16 @@ def test_start_without_keys_is_demo_ready_but_not_configured(upstream, tmp_path)
     assert "No API key is configured" in output
 
 
-def test_bad_setting_stops_start_up_with_one_clear_line(tmp_path):
-    bad = Service({"POLL_INTERVAL": "fast"}, tmp_path / "bad.log")
+@pytest.mark.parametrize(
+    "environ, line",
+    [
+        ({"POLL_INTERVAL": "fast"}, "POLL_INTERVAL='fast' is not a number"),
+        ({"WEB_CONCURRENCY": "2"}, "WEB_CONCURRENCY=2 needs REDIS_URL"),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_clear_line(tmp_path, environ, line):
+    bad = Service(environ, tmp_path / "bad.log")
     assert bad.process.wait(timeout=30) != 0
     output = bad.stop()
-    assert "POLL_INTERVAL='fast' is not a number" in output
+    assert line in output
     assert "Traceback" not in output
