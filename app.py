@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -13,6 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings
 from nanobanana_client import (
+    CALLBACK_PLACEHOLDER,
     Generation,
     NanoBananaClient,
     NanoBananaError,
@@ -21,6 +24,8 @@ from nanobanana_client import (
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
+    callback_task_id,
+    parse_callback,
 )
 from params import InvalidParameter, parse_format, parse_generation, parse_user_id
 from store import MemoryStore, RedisStore, Store, StoreUnavailable, TaskRecord
@@ -56,7 +61,8 @@ class Service:
         if reset and user_id:
             self.store.forget(user_id)
         generation, used_previous = self._choose_images(generation, user_id)
-        task = self.client.submit(generation)
+        secret = secrets.token_urlsafe(18) if self.settings.callbacks else None
+        task = self.client.submit(generation, self._callback_url(secret))
         record = self.store.add_task(
             TaskRecord(
                 task_id=task.task_id,
@@ -66,13 +72,30 @@ class Service:
                 source_image_urls=generation.image_urls,
                 used_previous_image=used_previous,
                 created_at=time.time(),
+                callback_secret=secret,
             )
         )
-        status = self.client.wait(task, max(0.0, deadline - time.monotonic()))
-        if status.done:
-            return self._complete(record, status)
-        threading.Thread(target=self._follow, args=(record, task), name=f"follow-{task.task_id}", daemon=True).start()
+        record = self._await(record, task, max(0.0, deadline - time.monotonic()))
+        if record.state == "pending":
+            threading.Thread(
+                target=self._follow, args=(record, task), name=f"follow-{task.task_id}", daemon=True
+            ).start()
         return record
+
+    def receive_callback(self, secret: str, body) -> None:
+        """Record the end of a task from its callback, if the callback is genuine, and wake its waiters."""
+        task_id = callback_task_id(body)
+        if task_id is None:
+            raise InvalidParameter("A callback needs a JSON body with data.taskId.")
+        record = self.store.task(task_id)
+        if record is None or not record.callback_secret or not hmac.compare_digest(record.callback_secret, secret):
+            log.warning("ignored a callback for task %s: not a task of ours, or not from the upstream", task_id)
+            return
+        status = parse_callback(body)
+        if record.state != "pending" or status is None:
+            return  # a repeated delivery, or one we cannot read: the fallback polls will tell
+        self.store.complete_task(task_id, status.state, status.image_urls, status.error_message)
+        self.store.notify(task_id)
 
     def refresh(self, record: TaskRecord) -> TaskRecord:
         """Ask the upstream once (at most once per poll interval) about a task that is still pending."""
@@ -94,11 +117,27 @@ class Service:
             return generation, False
         return replace(generation, image_urls=(remembered.image_url,)), True
 
-    def _follow(self, record: TaskRecord, task: Task) -> None:
-        """Go on polling a task whose caller stopped waiting, so its result is remembered when it comes."""
-        status = self.client.wait(task, self.settings.polling_window)
+    def _await(self, record: TaskRecord, task: Task, timeout: float) -> TaskRecord:
+        """Wait for the task's end: polling, and with callbacks on, until a callback wakes us."""
+        if self.settings.callbacks:
+            with self.store.listen(task.task_id) as woken:
+                status = self.client.wait(task, timeout, wake=woken)
+        else:
+            status = self.client.wait(task, timeout)
         if status.done:
-            self._complete(record, status)
+            return self._complete(record, status)
+        if self.settings.callbacks:  # a callback may have recorded the end meanwhile
+            return self.store.task(task.task_id) or record
+        return record
+
+    def _follow(self, record: TaskRecord, task: Task) -> None:
+        """Go on waiting for a task whose caller stopped waiting, so its result is remembered when it comes."""
+        self._await(record, task, self.settings.polling_window)
+
+    def _callback_url(self, secret: str | None) -> str:
+        if secret is None:
+            return CALLBACK_PLACEHOLDER
+        return f"{self.settings.public_base_url}/nanobanana/callback?secret={secret}"
 
     def _complete(self, record: TaskRecord, status: TaskStatus) -> TaskRecord:
         """Record the task's end; if the store is away, the caller still gets the picture."""
@@ -116,12 +155,13 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+    poll_interval, poll_max_attempts = settings.poll_schedule
     client = NanoBananaClient(
         settings.api_base,
         settings.api_keys,
         session=session,
-        poll_interval=settings.poll_interval,
-        poll_max_attempts=settings.poll_max_attempts,
+        poll_interval=poll_interval,
+        poll_max_attempts=poll_max_attempts,
         connect_timeout=settings.connect_timeout,
         submit_read_timeout=settings.submit_read_timeout,
         poll_read_timeout=settings.poll_read_timeout,
@@ -168,6 +208,12 @@ def task_status(task_id: str):
         raise ApiError(404, "not_found", "There is no task with this id here. Tasks are kept for 24 hours.")
     record = service().refresh(record)
     return render_task(record, elapsed=(record.completed_at or time.time()) - record.created_at)
+
+
+@bp.post("/nanobanana/callback")
+def upstream_callback():
+    service().receive_callback(request.args.get("secret", ""), request.get_json(silent=True))
+    return {"status": "ok"}
 
 
 @bp.get("/nanobanana/history/<path:user_id>")

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -60,14 +60,25 @@ def procfile_command() -> list[str]:
     return shlex.split(line.removeprefix("web:"))
 
 
+@dataclass(frozen=True)
+class Config:
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # "{service_url}" is filled in
+
+    def environ(self, service_url: str) -> dict[str, str]:
+        return {name: value.format(service_url=service_url) for name, value in self.env.items()}
+
+
 CONFIGS = {
-    "default": procfile_command(),
+    "default": Config(procfile_command()),
+    # the upstream calls back; polling is only the sparse fallback
+    "callbacks": Config(procfile_command(), {"PUBLIC_BASE_URL": "{service_url}", "POLL_INTERVAL": "2"}),
     # gunicorn's plain defaults (one sync worker): an empty config keeps ./gunicorn.conf.py from being read.
-    "sync-baseline": ["gunicorn", "--config", "/dev/null", "app:create_app()"],
+    "sync-baseline": Config(["gunicorn", "--config", "/dev/null", "app:create_app()"]),
     # threads instead of gevent, for the choice of worker model (`--configs default,gthread`)
-    "gthread": [*procfile_command()[:-1], "--worker-class", "gthread", "--threads", "1024", "app:create_app()"],
+    "gthread": Config([*procfile_command()[:-1], "--worker-class", "gthread", "--threads", "1024", "app:create_app()"]),
 }
-DEFAULT_CONFIGS = "default,sync-baseline"
+DEFAULT_CONFIGS = "default,callbacks,sync-baseline"
 
 
 def wait_ready(url: str, timeout: float = 30.0) -> None:
@@ -134,7 +145,7 @@ async def fire(url: str, count: int, timeout: float) -> list[Result]:
         return await asyncio.gather(*(one(n) for n in range(count)))
 
 
-def run_config(name: str, command: list[str], args: argparse.Namespace, log_dir: Path) -> Figures:
+def run_config(name: str, config: Config, args: argparse.Namespace, log_dir: Path) -> Figures:
     emulator_port, service_port = free_port(), free_port()
     emulator_url = f"http://127.0.0.1:{emulator_port}"
     emulator_command = [
@@ -154,9 +165,10 @@ def run_config(name: str, command: list[str], args: argparse.Namespace, log_dir:
         PORT=str(service_port),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )
+    env.update(config.environ(f"http://127.0.0.1:{service_port}"))
     with open(log_dir / f"{name}.log", "w") as log:
         emulator = subprocess.Popen(emulator_command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        service = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        service = subprocess.Popen(config.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(f"{emulator_url}/emulator/tasks")
             wait_ready(f"http://127.0.0.1:{service_port}/healthz")
@@ -250,7 +262,8 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="nanobanana-bench-"))
     all_figures = []
     for name in args.configs.split(","):
-        print(f"running {name} (service log: {log_dir / name}.log) ...", flush=True)
+        overrides = " ".join(f"{k}={v}" for k, v in CONFIGS[name].env.items())
+        print(f"running {name} {overrides} (service log: {log_dir / name}.log) ...", flush=True)
         all_figures.append(run_config(name, CONFIGS[name], args, log_dir))
     print_table(all_figures, args)
 

@@ -16,6 +16,7 @@ from dotenv import dotenv_values
 
 DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
 DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
+CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, for a callback that never comes
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,7 @@ class Settings:
     port: int = 8000
     web_concurrency: int = 1
     redis_url: str | None = None
+    public_base_url: str | None = None
     history_ttl: int = 604800
     history_max_users: int = 10000
     connect_timeout: float = 5.0
@@ -44,9 +46,21 @@ class Settings:
         return bool(self.api_keys)
 
     @property
+    def callbacks(self) -> bool:
+        """With a public address, the upstream calls back when a task ends."""
+        return self.public_base_url is not None
+
+    @property
     def polling_window(self) -> float:
         """Seconds a request may wait for its picture: POLL_INTERVAL × POLL_MAX_ATTEMPTS."""
         return self.poll_interval * self.poll_max_attempts
+
+    @property
+    def poll_schedule(self) -> tuple[float, int]:
+        """Seconds between two polls, and polls in a task's life: sparse when callbacks bring the results."""
+        if self.callbacks:
+            return self.polling_window / CALLBACK_FALLBACK_POLLS, CALLBACK_FALLBACK_POLLS
+        return self.poll_interval, self.poll_max_attempts
 
     def __repr__(self) -> str:  # never print the keys themselves
         return f"Settings(api_keys=<{len(self.api_keys)} keys>, api_base={self.api_base!r}, store={self.store_name!r})"
@@ -82,6 +96,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         port=_integer(env, "PORT", 8000, minimum=1, maximum=65535),
         web_concurrency=web_concurrency,
         redis_url=redis_url,
+        public_base_url=_url(env, "PUBLIC_BASE_URL", None),
         history_ttl=_integer(env, "HISTORY_TTL", 604800, minimum=1),
         history_max_users=_integer(env, "HISTORY_MAX_USERS", 10000, minimum=1),
     )
@@ -109,10 +124,14 @@ def _text(env: Mapping[str, str], name: str, default: str) -> str:
     return value or default
 
 
-def _url(env: Mapping[str, str], name: str, default: str) -> str:
-    value = _text(env, name, default).rstrip("/")
-    if not re.match(r"https?://[^/\s]+", value):
-        raise ConfigError(f"{name}={value!r} is not a web address; use one like {default}")
+def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = (env.get(name, "").strip() or default or "").rstrip("/")
+    if not value:
+        return None
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
+        raise ConfigError(
+            f"{name}={value!r} is not a web address; use one like {default or 'https://banana.example.com'}"
+        )
     return value
 
 

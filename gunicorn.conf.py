@@ -27,6 +27,6 @@ worker_class = "gevent"
 worker_connections = 2000  # requests one worker holds at once, waiting ones included
 backlog = 2048
 graceful_timeout = int(settings.polling_window + settings.submit_read_timeout + 10)
-accesslog = "-"
+accesslog = None  # the app writes its own, cheaper line per request
 # gunicorn's control socket lives at one path per user; instances on one machine would share it.
 control_socket_disable = True

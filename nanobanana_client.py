@@ -258,26 +258,35 @@ class NanoBananaClient:
             raise _error_for(answer)
         return parse_record(answer.data)
 
-    def wait(self, task: Task, timeout: float) -> TaskStatus:
+    def wait(self, task: Task, timeout: float, wake: threading.Event | None = None) -> TaskStatus:
         """Poll on the task's own schedule until it ends, `timeout` seconds pass or the polls run out.
 
         Polls fall every `poll_interval` seconds after submission, at most `poll_max_attempts`
         of them in the task's life, so a later call goes on where an earlier one stopped.
-        A failed poll counts as an attempt, and polling goes on.
+        A failed poll counts as an attempt, and polling goes on. With `wake`, the wait also ends
+        as soon as the event is set, and lasts the whole `timeout` even when the polls run out.
         """
         deadline = self.clock() + timeout
         status = PENDING
         slot = self._next_slot(task)
-        while slot <= self.poll_max_attempts:
-            poll_at = task.submitted_at + slot * self.poll_interval
-            if poll_at > deadline:
-                break
-            self.sleep(max(0.0, poll_at - self.clock()))
+        while True:
+            poll_at = task.submitted_at + slot * self.poll_interval if slot <= self.poll_max_attempts else math.inf
+            if poll_at > deadline and wake is None:
+                return status
+            if self._pause_until(min(poll_at, deadline), wake) or poll_at > deadline:
+                return status
             status = self._poll(task, read_timeout=min(self.poll_read_timeout, max(0.5, deadline - self.clock())))
             if status.done:
                 return status
             slot = max(slot + 1, self._next_slot(task))
-        return status
+
+    def _pause_until(self, moment: float, wake: threading.Event | None) -> bool:
+        """Sleep until `moment`; True if woken before it."""
+        delay = max(0.0, moment - self.clock())
+        if wake is not None:
+            return wake.wait(delay)
+        self.sleep(delay)
+        return False
 
     def _next_slot(self, task: Task) -> int:
         return math.floor((self.clock() - task.submitted_at) / self.poll_interval + 1e-9) + 1
@@ -369,6 +378,39 @@ def result_urls(response: Any) -> tuple[str, ...]:
         if urls:
             return tuple(urls)
     return ()
+
+
+def callback_task_id(body: Any) -> str | None:
+    """The task a callback speaks of (both shapes carry `data.taskId`)."""
+    data = body.get("data") if isinstance(body, dict) else None
+    task_id = data.get("taskId") if isinstance(data, dict) else None
+    return task_id if isinstance(task_id, str) and task_id else None
+
+
+def parse_callback(body: Any) -> TaskStatus | None:
+    """How a task ended, as its callback tells it, in either shape; None when that cannot be read.
+
+    `/generate` sends `{"code", "msg", "data": {"taskId", "info": {"resultImageUrl"}}}`; `/generate-2`
+    sends record-info's `data` (with `successFlag`). Only call this once the callback is known to be genuine.
+    """
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        return None
+    if "successFlag" in data:
+        try:
+            status = parse_record(data)
+        except UpstreamError:
+            return None
+        return status if status.done else None
+    code = body.get("code")
+    if code == 200:
+        urls = result_urls(data.get("info"))
+        return TaskStatus("success", urls) if urls else None
+    if isinstance(code, int) and not isinstance(code, bool):
+        reason = _short(str(body.get("msg") or body.get("message") or ""))
+        message = f"The image could not be made: {reason}" if reason else "The image could not be made."
+        return TaskStatus("failed", error_message=message)
+    return None
 
 
 def _failure_message(data: dict, created: bool) -> str:

@@ -10,7 +10,8 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -37,6 +38,7 @@ class TaskRecord:
     source_image_urls: tuple[str, ...]
     used_previous_image: bool
     created_at: float
+    callback_secret: str | None = None  # carried in the callback URL; only the upstream knows it
     sequence: int = 0  # order of submission, given by the store
     state: str = "pending"
     image_urls: tuple[str, ...] = ()
@@ -61,6 +63,36 @@ class Store(Protocol):
         self, task_id: str, state: str, image_urls: tuple[str, ...], error_message: str | None
     ) -> TaskRecord | None: ...
     def claim_poll(self, task_id: str, interval: float) -> bool: ...
+    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]: ...
+    def notify(self, task_id: str) -> None: ...
+
+
+class Waiters:
+    """Requests in this process waiting for a task; `wake` sets their events."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[str, set[threading.Event]] = {}
+
+    @contextmanager
+    def listen(self, task_id: str) -> Iterator[threading.Event]:
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(task_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                events = self._events.get(task_id, set())
+                events.discard(event)
+                if not events:
+                    self._events.pop(task_id, None)
+
+    def wake(self, task_id: str) -> None:
+        with self._lock:
+            events = list(self._events.get(task_id, ()))
+        for event in events:
+            event.set()
 
 
 @dataclass(frozen=True)
@@ -84,6 +116,7 @@ class MemoryStore:
         self._tasks: OrderedDict[str, TaskRecord] = OrderedDict()
         self._last_poll: dict[str, float] = {}
         self._sequence = 0
+        self._waiters = Waiters()
 
     def remembered_image(self, user_id: str) -> Remembered | None:
         """The user's last image, unless it expired or was forgotten."""
@@ -137,6 +170,14 @@ class MemoryStore:
                 return False
             self._last_poll[task_id] = now
             return True
+
+    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]:
+        """An event set when `notify(task_id)` is called, while the block runs."""
+        return self._waiters.listen(task_id)
+
+    def notify(self, task_id: str) -> None:
+        """Wake whoever waits for this task (a callback completed it)."""
+        self._waiters.wake(task_id)
 
     def _live_entry(self, user_id: str) -> _HistoryEntry | None:
         entry = self._history.get(user_id)
@@ -212,6 +253,10 @@ class RedisStore:
         )
         self._complete = self.redis.register_script(self._COMPLETE)
         self._forget = self.redis.register_script(self._FORGET)
+        self._waiters = Waiters()
+        self._subscriber: threading.Thread | None = None
+        self._subscriber_lock = threading.Lock()
+        self._closed = threading.Event()
 
     def remembered_image(self, user_id: str) -> Remembered | None:
         entry = self._call(self.redis.hgetall, self._user_key(user_id))
@@ -248,8 +293,45 @@ class RedisStore:
         key = self.prefix + "polled:" + task_id
         return bool(self._call(self.redis.set, key, 1, px=max(1, int(interval * 1000)), nx=True))
 
+    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]:
+        """An event set when any process calls `notify(task_id)`, while the block runs."""
+        self._start_subscriber()
+        return self._waiters.listen(task_id)
+
+    def notify(self, task_id: str) -> None:
+        """Wake whoever waits for this task, in every worker and instance (Redis pub/sub)."""
+        self._call(self.redis.publish, self._wake_channel, task_id)
+
     def close(self) -> None:
+        self._closed.set()
+        if self._subscriber:
+            self._subscriber.join(timeout=5)
         self.redis.close()
+
+    def _start_subscriber(self) -> None:
+        with self._subscriber_lock:
+            if self._subscriber is None:
+                self._subscriber = threading.Thread(target=self._relay_wakes, name="redis-wakes", daemon=True)
+                self._subscriber.start()
+
+    def _relay_wakes(self) -> None:
+        """Listen on the wake channel for the life of the process, reconnecting when Redis comes back."""
+        while not self._closed.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._wake_channel)
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message:
+                        self._waiters.wake(message["data"])
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._closed.wait(1.0)  # fallback polling covers the gap
+            finally:
+                pubsub.close()
+
+    @property
+    def _wake_channel(self) -> str:
+        return self.prefix + "wake"
 
     @property
     def _sequence_key(self) -> str:
@@ -277,6 +359,7 @@ def _task_fields(record: TaskRecord) -> dict[str, str | int | float]:
         "mode": record.mode,
         "source_image_urls": json.dumps(list(record.source_image_urls)),
         "used_previous_image": int(record.used_previous_image),
+        "callback_secret": record.callback_secret or "",
         "created_at": record.created_at,
         "sequence": record.sequence,
         "state": record.state,
@@ -294,6 +377,7 @@ def _task_record(fields: dict[str, str]) -> TaskRecord:
         mode=fields["mode"],
         source_image_urls=tuple(json.loads(fields["source_image_urls"])),
         used_previous_image=fields["used_previous_image"] == "1",
+        callback_secret=fields["callback_secret"] or None,
         created_at=float(fields["created_at"]),
         sequence=int(fields["sequence"]),
         state=fields["state"],

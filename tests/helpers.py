@@ -97,8 +97,8 @@ def procfile_command() -> list[str]:
 class Service:
     """gunicorn running the Procfile's command with the given environment."""
 
-    def __init__(self, environ: dict[str, str], log_path: Path):
-        self.port = free_port()
+    def __init__(self, environ: dict[str, str], log_path: Path, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}

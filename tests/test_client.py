@@ -15,9 +15,12 @@ from nanobanana_client import (
     NanoBananaError,
     SubmissionUncertain,
     Task,
+    TaskStatus,
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
+    callback_task_id,
+    parse_callback,
 )
 from tests.conftest import KEYS, UPSTREAM
 
@@ -334,3 +337,52 @@ def test_credits_of_each_key(client, mocked):
     mocked.get(CREDIT, json={"code": 401, "msg": "bad key"})
     credits = client.credits()
     assert [(c.key, c.credits, c.usable) for c in credits] == [(1, 120.5, True), (2, None, False)]
+
+
+# -- callbacks -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            {
+                "code": 200,
+                "msg": "success",
+                "data": {"taskId": "t", "info": {"resultImageUrl": "https://f.test/1.png"}},
+            },
+            TaskStatus("success", ("https://f.test/1.png",)),
+        ),
+        (
+            {
+                "code": 200,
+                "msg": "success",
+                "data": {
+                    "taskId": "t",
+                    "successFlag": 1,
+                    "operationType": "generate",
+                    "response": {"resultImageUrl": "https://f.test/2.png"},
+                },
+            },
+            TaskStatus("success", ("https://f.test/2.png",)),
+        ),
+        (
+            {"code": 501, "msg": "generation failed", "data": {"taskId": "t", "info": None}},
+            TaskStatus("failed", error_message="The image could not be made: generation failed"),
+        ),
+        ({"code": 200, "msg": "success", "data": {"taskId": "t", "info": {}}}, None),
+        ({"code": 200, "data": {"taskId": "t", "successFlag": 0}}, None),
+        ({"code": 200, "data": {"taskId": "t", "successFlag": "weird"}}, None),
+        (["not", "an", "object"], None),
+    ],
+)
+def test_callback_in_either_shape(body, expected):
+    assert parse_callback(body) == expected
+
+
+@pytest.mark.parametrize(
+    "body, task_id",
+    [({"data": {"taskId": "abc"}}, "abc"), ({"data": {"taskId": 5}}, None), ({"data": None}, None), (None, None)],
+)
+def test_callback_task_id(body, task_id):
+    assert callback_task_id(body) == task_id
