@@ -245,10 +245,12 @@ def print_table(all_figures: list[Figures], args: argparse.Namespace) -> None:
             f"{percentile(f.added_delays, 0.5) * 1000:>14.0f}{percentile(f.added_delays, 0.95) * 1000:>14.0f}"
             f"{polls:>16}{f.peak_rss_mb:>13.0f}{f.cpu_ms_per_request:>12.1f}"
         )
-    if len(all_figures) == 2 and all_figures[1].succeeded:
-        best, base = all_figures
-        ratio = (best.succeeded / best.wall) / (base.succeeded / base.wall)
-        print(f"ratio {best.name} / {base.name}: {ratio:.0f}x the completed requests per second")
+    by_name = {f.name: f for f in all_figures}
+    for name in ("default", "callbacks", "gthread"):
+        best, base = by_name.get(name), by_name.get("sync-baseline")
+        if best and base and base.succeeded:
+            ratio = (best.succeeded / best.wall) / (base.succeeded / base.wall)
+            print(f"ratio {name} / sync-baseline: {ratio:.0f}x the completed requests per second")
 
 
 def main() -> None:
