@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -10,9 +11,11 @@ import time
 from dataclasses import dataclass, replace
 
 from flask import Blueprint, Flask, current_app, g, jsonify, make_response, redirect, request, url_for
+from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import telemetry
 from config import Settings, load_settings
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
@@ -53,14 +56,17 @@ class Service:
     client: NanoBananaClient
     store: Store
 
-    def generate(self, generation: Generation, user_id: str | None, reset: bool, wait: float) -> TaskRecord:
+    def generate(
+        self, generation: Generation, user_id: str | None, reset: bool, wait: float, owner: str = ""
+    ) -> TaskRecord:
         """Submit, record, and wait up to `wait` seconds in all; a task still running is followed in the background."""
         deadline = time.monotonic() + wait
         if not self.settings.configured:
             raise ApiError(503, "not_configured", "This service has no API key yet. Its owner needs to set API_KEYS_1.")
-        if reset and user_id:
-            self.store.forget(user_id)
-        generation, used_previous = self._choose_images(generation, user_id)
+        conversation = conversation_key(owner, user_id)
+        if reset and conversation:
+            self.store.forget(conversation)
+        generation, used_previous = self._choose_images(generation, conversation)
         secret = secrets.token_urlsafe(18) if self.settings.callbacks else None
         task = self.client.submit(generation, self._callback_url(secret))
         record = self.store.add_task(
@@ -73,6 +79,8 @@ class Service:
                 used_previous_image=used_previous,
                 created_at=time.time(),
                 callback_secret=secret,
+                owner=owner,
+                conversation=conversation,
             )
         )
         record = self._await(record, task, max(0.0, deadline - time.monotonic()))
@@ -108,11 +116,11 @@ class Service:
             return record
         return self._complete(record, status) if status.done else record
 
-    def _choose_images(self, generation: Generation, user_id: str | None) -> tuple[Generation, bool]:
+    def _choose_images(self, generation: Generation, conversation: str | None) -> tuple[Generation, bool]:
         """Explicit images first, else the user's remembered image, else none."""
-        if generation.image_urls or not user_id:
+        if generation.image_urls or not conversation:
             return generation, False
-        remembered = self.store.remembered_image(user_id)
+        remembered = self.store.remembered_image(conversation)
         if remembered is None:
             return generation, False
         return replace(generation, image_urls=(remembered.image_url,)), True
@@ -155,6 +163,9 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+    metrics = telemetry.init_app(app, settings.metrics_dir)
+    app.before_request(require_access_token)  # before the rate limit: strangers spend nobody's quota
+    init_rate_limit(app, settings)
     poll_interval, poll_max_attempts = settings.poll_schedule
     client = NanoBananaClient(
         settings.api_base,
@@ -167,6 +178,7 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
         poll_read_timeout=settings.poll_read_timeout,
         credit_path=settings.credit_path,
         retry_backoff=settings.submit_retry_backoff,
+        on_call=metrics.upstream_call,
     )
     store = store or new_store(settings)
     app.extensions["nanobanana"] = Service(settings, client, store)
@@ -187,16 +199,89 @@ def service() -> Service:
     return current_app.extensions["nanobanana"]
 
 
+def conversation_key(owner: str, user_id: str | None) -> str | None:
+    """Where a user's history lives: the same user id under two access tokens is two users."""
+    if not user_id:
+        return None
+    return f"{owner}/{user_id}" if owner else user_id
+
+
+# -- access and limits -------------------------------------------------------------------
+
+OPEN_ENDPOINTS = {"nanobanana.upstream_callback", "nanobanana.healthz", "nanobanana.openapi", "nanobanana.home"}
+
+
+def require_access_token() -> None:
+    """With ACCESS_TOKENS set, every route but the open ones needs one of them."""
+    g.owner = ""
+    tokens = service().settings.access_tokens
+    if not tokens or request.endpoint is None or request.endpoint in OPEN_ENDPOINTS:
+        return
+    token = matching_token(presented_token(), tokens)
+    if token is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "This service needs an access token. Send it as the header 'Authorization: Bearer <token>' "
+            "or add ?token=<token> to the address.",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    g.owner = hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def presented_token() -> str:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return (request_values().get("token") or [""])[0]
+
+
+def matching_token(given: str, tokens: tuple[str, ...]) -> str | None:
+    """Compare with every token in constant time, so timing tells nothing about any of them."""
+    found = None
+    for token in tokens:
+        if hmac.compare_digest(given.encode(), token.encode()):
+            found = token
+    return found
+
+
+def init_rate_limit(app: Flask, settings: Settings) -> None:
+    """RATE_LIMIT on generation requests, per user (within its token), else per client address."""
+    Limiter(
+        key_func=rate_limit_key,
+        app=app,
+        default_limits=[settings.rate_limit] if settings.rate_limit else [],
+        default_limits_exempt_when=lambda: request.endpoint != "nanobanana.generate",
+        storage_uri=settings.redis_url or "memory://",
+        headers_enabled=True,
+        key_prefix="nanobanana-limits",
+        enabled=settings.rate_limit is not None,
+        # Redis away: count in memory meanwhile; the request itself then gets the store's clear 503.
+        in_memory_fallback_enabled=True,
+        swallow_errors=True,
+    )
+
+
+def rate_limit_key() -> str:
+    try:
+        user_id = parse_user_id(request_values())
+    except InvalidParameter:
+        user_id = None
+    if user_id:
+        return f"user:{conversation_key(g.get('owner', ''), user_id)}"
+    return f"address:{request.remote_addr}"
+
+
 # -- routes ----------------------------------------------------------------------------
 
 
 @bp.route("/nanobanana", methods=["GET", "POST"])
 def generate():
-    g.started = time.monotonic()
     values = request_values()
     g.response_format = parse_format(values)
     wanted = parse_generation(values, service().settings.polling_window)
-    record = service().generate(wanted.generation, wanted.user_id, wanted.reset, wanted.wait)
+    with current_app.extensions["metrics"].in_flight.track_inprogress():
+        record = service().generate(wanted.generation, wanted.user_id, wanted.reset, wanted.wait, g.owner)
     return render_task(record, elapsed=time.monotonic() - g.started)
 
 
@@ -204,7 +289,7 @@ def generate():
 def task_status(task_id: str):
     g.response_format = parse_format(request_values())
     record = service().store.task(task_id)
-    if record is None:
+    if record is None or record.owner != g.owner:
         raise ApiError(404, "not_found", "There is no task with this id here. Tasks are kept for 24 hours.")
     record = service().refresh(record)
     return render_task(record, elapsed=(record.completed_at or time.time()) - record.created_at)
@@ -219,7 +304,7 @@ def upstream_callback():
 @bp.get("/nanobanana/history/<path:user_id>")
 def history(user_id: str):
     user_id = checked_user_id(user_id)
-    remembered = service().store.remembered_image(user_id)
+    remembered = service().store.remembered_image(conversation_key(g.owner, user_id))
     return {
         "user_id": user_id,
         "last_image_url": remembered.image_url if remembered else None,
@@ -230,7 +315,7 @@ def history(user_id: str):
 @bp.delete("/nanobanana/history/<path:user_id>")
 def forget_history(user_id: str):
     user_id = checked_user_id(user_id)
-    service().store.forget(user_id)
+    service().store.forget(conversation_key(g.owner, user_id))
     return {"user_id": user_id, "cleared": True}
 
 
@@ -238,6 +323,11 @@ def forget_history(user_id: str):
 def credits():
     keys = service().client.credits()
     return {"keys": [{"key": k.key, "credits": k.credits, "usable": k.usable} for k in keys]}
+
+
+@bp.get("/metrics")
+def metrics():
+    return telemetry.exposition(current_app)
 
 
 @bp.get("/healthz")
@@ -256,6 +346,12 @@ def healthz():
 
 def request_values() -> dict[str, list[str]]:
     """Query string, form and JSON body merged into one mapping of names to lists of strings."""
+    if "values" not in g:
+        g.values = _merged_values()
+    return g.values
+
+
+def _merged_values() -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
     sources = [request.args.to_dict(flat=False)]
     if request.method == "POST":
@@ -294,6 +390,7 @@ def checked_user_id(user_id: str) -> str:
 def render_task(record: TaskRecord, elapsed: float):
     """The answer for a task: 200 with its pictures, 202 while pending, 502 when it failed."""
     fmt = g.get("response_format", "json")
+    g.task_id = record.task_id
     if record.state == "success":
         if fmt == "redirect":
             return redirect(record.image_urls[0], code=302)
@@ -352,6 +449,11 @@ HTTP_ERRORS = {
     404: ("not_found", "There is nothing at this address. Try /nanobanana?prompt=a+red+apple"),
     405: ("method_not_allowed", "This address does not take {method} requests. Use {allowed}."),
     413: ("too_large", "The request body is larger than 1 MiB. Please send a shorter request."),
+    429: (
+        "rate_limited",
+        "Too many pictures asked for in a short time. Please wait a little and try again "
+        "(the Retry-After header says how many seconds).",
+    ),
 }
 
 

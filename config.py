@@ -10,8 +10,9 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import limits
 from dotenv import dotenv_values
 
 DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
@@ -34,6 +35,9 @@ class Settings:
     web_concurrency: int = 1
     redis_url: str | None = None
     public_base_url: str | None = None
+    access_tokens: tuple[str, ...] = field(default=(), repr=False)
+    rate_limit: str | None = "20/minute"  # None: off
+    metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
     history_ttl: int = 604800
     history_max_users: int = 10000
     connect_timeout: float = 5.0
@@ -97,6 +101,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
         web_concurrency=web_concurrency,
         redis_url=redis_url,
         public_base_url=_url(env, "PUBLIC_BASE_URL", None),
+        access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
+        rate_limit=_rate_limit(env),
+        metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
         history_ttl=_integer(env, "HISTORY_TTL", 604800, minimum=1),
         history_max_users=_integer(env, "HISTORY_MAX_USERS", 10000, minimum=1),
     )
@@ -110,6 +117,19 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
         if match and value.strip():
             numbered.append((int(match.group(1)), value.strip()))
     return tuple(key for _, key in sorted(numbered))
+
+
+def _rate_limit(env: Mapping[str, str]) -> str | None:
+    value = env.get("RATE_LIMIT", "").strip() or "20/minute"
+    if value.lower() == "off":
+        return None
+    try:
+        limits.parse_many(value)
+    except ValueError:
+        raise ConfigError(
+            f"RATE_LIMIT={value!r} is not a rate limit; use one like 20/minute, 100 per hour, or off"
+        ) from None
+    return value
 
 
 def _redis_url(env: Mapping[str, str]) -> str | None:

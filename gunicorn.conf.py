@@ -10,7 +10,9 @@ killed for being slow, and a restart lets waiting requests finish (graceful_time
 """
 
 import logging
+import os
 import sys
+import tempfile
 
 from config import ConfigError, load_settings
 
@@ -21,6 +23,10 @@ except ConfigError as error:
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+# Every worker writes its metrics to this folder, and /metrics adds them up (prometheus-client multiprocess
+# mode); a fresh folder per start, so counts of an earlier run never leak in.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="nanobanana-metrics-"))
+
 bind = f"0.0.0.0:{settings.port}"
 workers = settings.web_concurrency
 worker_class = "gevent"
@@ -30,3 +36,9 @@ graceful_timeout = int(settings.polling_window + settings.submit_read_timeout + 
 accesslog = None  # the app writes its own, cheaper line per request
 # gunicorn's control socket lives at one path per user; instances on one machine would share it.
 control_socket_disable = True
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -187,6 +187,7 @@ class NanoBananaClient:
         retry_backoff: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        on_call: Callable[[str, str], None] | None = None,
     ):
         self.api_base = api_base.rstrip("/")
         self.keys = KeyRing(tuple(keys), clock=clock)
@@ -200,6 +201,7 @@ class NanoBananaClient:
         self.retry_backoff = retry_backoff
         self.clock = clock
         self.sleep = sleep
+        self.on_call = on_call  # (endpoint, outcome) of every upstream call, for metrics
 
     # -- submit -------------------------------------------------------------------------
 
@@ -320,13 +322,22 @@ class NanoBananaClient:
     def _send(self, method: str, path: str, key: str, timeout: tuple[float, float], **kwargs) -> _Answer:
         """The one place where transport errors and the upstream's envelope are translated."""
         headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+        endpoint = path.rsplit("/", 1)[-1]
         try:
             response = self.session.request(method, self.api_base + path, headers=headers, timeout=timeout, **kwargs)
         except requests.RequestException as error:
             if _certainly_not_sent(error):
+                self._observe(endpoint, "unreachable")
                 raise _NotSent("The image service cannot be reached right now. Please try again in a minute.") from None
+            self._observe(endpoint, "no_answer")
             raise UpstreamError("The image service did not answer in time. Please try again in a minute.") from None
-        return _answer(response)
+        answer = _answer(response)
+        self._observe(endpoint, "ok" if answer.code == 200 else f"code_{answer.code}")
+        return answer
+
+    def _observe(self, endpoint: str, outcome: str) -> None:
+        if self.on_call:
+            self.on_call(endpoint, outcome)
 
 
 def submission(generation: Generation, callback_url: str) -> tuple[str, dict]:

@@ -33,12 +33,14 @@ class TaskRecord:
 
     task_id: str
     key_number: int
-    user_id: str | None
+    user_id: str | None  # as the caller named it
     mode: str
     source_image_urls: tuple[str, ...]
     used_previous_image: bool
     created_at: float
     callback_secret: str | None = None  # carried in the callback URL; only the upstream knows it
+    owner: str = ""  # the access token's scope ("" without tokens): only its holder sees the task
+    conversation: str | None = None  # the history key: the user id within the owner's scope
     sequence: int = 0  # order of submission, given by the store
     state: str = "pending"
     image_urls: tuple[str, ...] = ()
@@ -55,8 +57,8 @@ class Remembered:
 class Store(Protocol):
     name: str
 
-    def remembered_image(self, user_id: str) -> Remembered | None: ...
-    def forget(self, user_id: str) -> None: ...
+    def remembered_image(self, conversation: str) -> Remembered | None: ...
+    def forget(self, conversation: str) -> None: ...
     def add_task(self, record: TaskRecord) -> TaskRecord: ...
     def task(self, task_id: str) -> TaskRecord | None: ...
     def complete_task(
@@ -156,10 +158,10 @@ class MemoryStore:
                 record, state=state, image_urls=image_urls, error_message=error_message, completed_at=self.clock()
             )
             self._tasks[task_id] = record
-            if state == "success" and record.user_id is not None:
-                entry = self._live_entry(record.user_id)
+            if state == "success" and record.conversation is not None:
+                entry = self._live_entry(record.conversation)
                 if entry is None or entry.sequence < record.sequence:
-                    self._remember(record.user_id, _HistoryEntry(image_urls[0], record.sequence, self.clock()))
+                    self._remember(record.conversation, _HistoryEntry(image_urls[0], record.sequence, self.clock()))
             return record
 
     def claim_poll(self, task_id: str, interval: float) -> bool:
@@ -220,7 +222,7 @@ class RedisStore:
     if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
     redis.call('HSET', KEYS[1], 'state', ARGV[1], 'image_urls', ARGV[2], 'error_message', ARGV[3],
                'completed_at', ARGV[4])
-    local user = redis.call('HGET', KEYS[1], 'user_id')
+    local user = redis.call('HGET', KEYS[1], 'conversation')
     if ARGV[1] == 'success' and user and user ~= '' then
         local sequence = tonumber(redis.call('HGET', KEYS[1], 'sequence'))
         local user_key = ARGV[7] .. user
@@ -360,6 +362,8 @@ def _task_fields(record: TaskRecord) -> dict[str, str | int | float]:
         "source_image_urls": json.dumps(list(record.source_image_urls)),
         "used_previous_image": int(record.used_previous_image),
         "callback_secret": record.callback_secret or "",
+        "owner": record.owner,
+        "conversation": record.conversation or "",
         "created_at": record.created_at,
         "sequence": record.sequence,
         "state": record.state,
@@ -378,6 +382,8 @@ def _task_record(fields: dict[str, str]) -> TaskRecord:
         source_image_urls=tuple(json.loads(fields["source_image_urls"])),
         used_previous_image=fields["used_previous_image"] == "1",
         callback_secret=fields["callback_secret"] or None,
+        owner=fields["owner"],
+        conversation=fields["conversation"] or None,
         created_at=float(fields["created_at"]),
         sequence=int(fields["sequence"]),
         state=fields["state"],

@@ -57,6 +57,9 @@ def test_environment_wins_over_env_file(tmp_path):
         ("HISTORY_MAX_USERS", "0"),
         ("NANOBANANA_API_BASE", "api.nanobananaapi.ai"),
         ("WEB_CONCURRENCY", "many"),
+        ("RATE_LIMIT", "lots"),
+        ("RATE_LIMIT", "20/fortnight"),
+        ("PUBLIC_BASE_URL", "banana.example.com"),
     ],
 )
 def test_bad_value_names_the_variable(name, value):
@@ -76,3 +79,12 @@ def test_several_workers_need_redis():
 def test_redis_url_must_be_a_redis_address():
     with pytest.raises(ConfigError, match="REDIS_URL"):
         settings_from(REDIS_URL="localhost:6379")
+
+
+def test_access_tokens_and_rate_limit():
+    settings = settings_from(ACCESS_TOKENS=" alpha, beta ,", RATE_LIMIT="5 per hour")
+    assert settings.access_tokens == ("alpha", "beta")
+    assert settings.rate_limit == "5 per hour"
+    assert "alpha" not in repr(settings)
+    assert settings_from().rate_limit == "20/minute"
+    assert settings_from(RATE_LIMIT="off").rate_limit is None

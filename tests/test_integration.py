@@ -156,3 +156,35 @@ def test_bad_setting_stops_start_up_with_one_clear_line(tmp_path, environ, line)
     output = bad.stop()
     assert line in output
     assert "Traceback" not in output
+
+
+def test_logs_never_show_keys_tokens_or_prompts(upstream, tmp_path):
+    token = secrets.token_urlsafe(24)
+    environ = {
+        "API_KEYS_1": EMPTY_KEY,
+        "API_KEYS_2": GOOD_KEY,
+        "NANOBANANA_API_BASE": upstream.url,
+        "POLL_INTERVAL": "0.05",
+        "ACCESS_TOKENS": token,
+    }
+    guarded = Service(environ, tmp_path / "guarded.log").wait_ready()
+    try:
+        by_header = {"Authorization": f"Bearer {token}"}
+        first = guarded.get(
+            "/nanobanana", params={"prompt": "a zanzibar lighthouse", "user_id": "u"}, headers=by_header
+        )
+        edit = guarded.get("/nanobanana", params={"prompt": "zanzibar at night", "user_id": "u", "token": token})
+        refused = guarded.get("/nanobanana", params={"prompt": "zanzibar"})
+        history = guarded.get("/nanobanana/history/u", headers=by_header)
+        credits = guarded.get("/nanobanana/credits", headers=by_header)
+        assert [first.status_code, edit.status_code, refused.status_code] == [200, 200, 401]
+        assert history.json()["last_image_url"] == edit.json()["image_url"]
+        answers = [first, edit, refused, history, credits]
+    finally:
+        output = guarded.stop()
+    for secret in (EMPTY_KEY, GOOD_KEY, token, "zanzibar"):
+        assert secret not in output
+        assert all(secret not in answer.text for answer in answers if secret != "zanzibar")
+    request_ids = [answer.headers["X-Request-ID"] for answer in answers]
+    assert all(f"request_id={request_id}" in output for request_id in request_ids)
+    assert f"task_id={first.json()['task_id']}" in output

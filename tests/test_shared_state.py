@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import psutil
 import pytest
 import requests
@@ -89,3 +91,24 @@ def test_redis_away_gives_503_then_recovers(instances, redis_server):
     finally:
         redis_server.start()
     assert wait_until(lambda: generate(instance, prompt="a cat", user_id="found").status_code == 200, timeout=10)
+
+
+def requests_answered(instance: Service) -> float:
+    """nanobanana_http_requests_total for successful generations, as /metrics reports it."""
+    for line in instance.get("/metrics").text.splitlines():
+        if (
+            line.startswith("nanobanana_http_requests_total")
+            and 'route="/nanobanana"' in line
+            and 'status="200"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_add_up_every_worker(instances):
+    instance = instances[1]
+    before = requests_answered(instance)
+    with ThreadPoolExecutor(max_workers=20) as pool:  # enough at once to keep both workers busy
+        answers = list(pool.map(lambda n: generate(instance, prompt=f"[delay=0.3] count {n}"), range(20)))
+    assert [a.status_code for a in answers] == [200] * 20
+    assert requests_answered(instance) == before + 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -43,9 +44,8 @@ def store(request) -> Store:
 
 
 def new_task(store: Store, task_id: str, user_id: str | None = "alice") -> TaskRecord:
-    return store.add_task(
-        TaskRecord(task_id, 2, user_id, "image-to-image", ("https://x.test/src.png",), True, store.clock())
-    )
+    record = TaskRecord(task_id, 2, user_id, "image-to-image", ("https://x.test/src.png",), True, store.clock())
+    return store.add_task(replace(record, conversation=user_id, owner="scope"))
 
 
 def image(store: Store, user_id: str = "alice") -> str | None:

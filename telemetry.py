@@ -1,0 +1,94 @@
+"""What the service tells its operators: Prometheus metrics and one log line per request.
+
+Under gunicorn, `gunicorn.conf.py` points PROMETHEUS_MULTIPROC_DIR at a fresh folder, so the
+counts of every worker are added up at `/metrics` (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+request_log = logging.getLogger("nanobanana.requests")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+GENERATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(
+            "nanobanana_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=registry
+        )
+        self.generation_seconds = Histogram(
+            "nanobanana_generation_seconds",
+            "Time from a generation request to its answer, by HTTP status",
+            ["status"],
+            buckets=GENERATION_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_calls = Counter(
+            "nanobanana_upstream_calls", "Calls to the upstream API", ["endpoint", "outcome"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "nanobanana_generations_in_flight",
+            "Generation requests being served now",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+
+    def upstream_call(self, endpoint: str, outcome: str) -> None:
+        self.upstream_calls.labels(endpoint, outcome).inc()
+
+
+def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
+    """Attach metrics, request ids and the request log to the app."""
+    metrics = Metrics(CollectorRegistry())
+    app.extensions["metrics"] = metrics
+    app.extensions["metrics_dir"] = metrics_dir
+
+    @app.before_request
+    def start_request() -> None:
+        g.started = time.monotonic()
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+    @app.after_request
+    def finish_request(response: Response) -> Response:
+        duration = time.monotonic() - g.get("started", time.monotonic())
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        if request.endpoint == "nanobanana.generate":
+            metrics.generation_seconds.labels(str(response.status_code)).observe(duration)
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        # The path only: query strings carry prompts, tokens and callback secrets.
+        request_log.info(
+            "request_id=%s method=%s path=%s status=%d duration_ms=%.0f task_id=%s",
+            g.get("request_id", "-"),
+            request.method,
+            request.path,
+            response.status_code,
+            duration * 1000,
+            g.get("task_id", "-"),
+        )
+        return response
+
+    return metrics
+
+
+def exposition(app: Flask) -> Response:
+    """The metrics in Prometheus text format, summed over every worker when there are several."""
+    metrics_dir = app.extensions["metrics_dir"]
+    if metrics_dir:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)
+    else:
+        registry = app.extensions["metrics"].registry
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -1,0 +1,136 @@
+"""Access tokens, rate limits, metrics and the request log, through Flask's test client."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+
+from app import create_app
+
+TOKEN_A, TOKEN_B = "token-for-alice-bot", "token-for-bob-bot"
+
+
+@pytest.fixture
+def guarded(settings, session):
+    """The app with two access tokens."""
+    return create_app(replace(settings, access_tokens=(TOKEN_A, TOKEN_B)), session=session).test_client()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def generate(client, headers=None, **params):
+    return client.get("/nanobanana", query_string=params, headers=headers or {})
+
+
+# -- access tokens --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/nanobanana?prompt=a+cat", "/nanobanana/tasks/any", "/nanobanana/history/me", "/nanobanana/credits", "/metrics"],
+)
+def test_guarded_routes_need_a_token(guarded, path):
+    for headers in ({}, bearer("wrong-token"), {"Authorization": "Basic abc"}):
+        answer = guarded.get(path, headers=headers)
+        assert answer.status_code == 401
+        assert answer.json["error"]["code"] == "unauthorized"
+        assert "Authorization: Bearer" in answer.json["error"]["message"]
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_token_by_header_query_or_form(guarded):
+    assert generate(guarded, bearer(TOKEN_A), prompt="a cat").status_code == 200
+    assert generate(guarded, prompt="a cat", token=TOKEN_B).status_code == 200
+    assert guarded.post("/nanobanana", data={"prompt": "a cat", "token": TOKEN_A}).status_code == 200
+    assert guarded.post("/nanobanana", json={"prompt": "a cat", "token": TOKEN_A}).status_code == 200
+
+
+def test_open_routes_need_no_token(guarded):
+    assert guarded.get("/healthz").status_code == 200
+    callback = {"code": 200, "data": {"taskId": "unknown", "info": {"resultImageUrl": "https://x.test/a.png"}}}
+    assert guarded.post("/nanobanana/callback", json=callback).status_code == 200
+
+
+def test_conversations_are_kept_apart_per_token(guarded):
+    cat = generate(guarded, bearer(TOKEN_A), prompt="a cat", user_id="sam").json
+    other = generate(guarded, bearer(TOKEN_B), prompt="make it blue", user_id="sam").json
+    assert other["mode"] == "text-to-image" and other["used_previous_image"] is False
+    assert guarded.get("/nanobanana/history/sam", headers=bearer(TOKEN_A)).json["last_image_url"] == cat["image_url"]
+    assert guarded.get("/nanobanana/history/sam", headers=bearer(TOKEN_B)).json["last_image_url"] == other["image_url"]
+    assert guarded.get(f"/nanobanana/tasks/{cat['task_id']}", headers=bearer(TOKEN_B)).status_code == 404
+    assert guarded.get(f"/nanobanana/tasks/{cat['task_id']}", headers=bearer(TOKEN_A)).status_code == 200
+
+
+# -- rate limits -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def limited(settings, session):
+    return create_app(replace(settings, rate_limit="2/minute"), session=session).test_client()
+
+
+def test_rate_limit_per_user(limited, emulated):
+    for _ in range(2):
+        assert generate(limited, prompt="a cat", user_id="eager").status_code == 200
+    answer = generate(limited, prompt="a cat", user_id="eager")
+    assert answer.status_code == 429
+    assert answer.json["status"] == "error" and answer.json["error"]["code"] == "rate_limited"
+    assert 0 < int(answer.headers["Retry-After"]) <= 60
+    assert len(emulated.submissions()) == 2  # the refused request spent no credit
+    assert generate(limited, prompt="a cat", user_id="patient").status_code == 200
+
+
+def test_rate_limit_per_client_address_behind_one_proxy(limited):
+    def from_address(address):
+        return limited.get("/nanobanana?prompt=a+cat", headers={"X-Forwarded-For": address})
+
+    assert [from_address("203.0.113.7").status_code for _ in range(3)] == [200, 200, 429]
+    assert from_address("198.51.100.9").status_code == 200
+
+
+def test_rate_limit_only_on_generation(limited):
+    for _ in range(5):
+        assert limited.get("/nanobanana/history/eager").status_code == 200
+
+
+def test_rate_limit_off(settings, session):
+    client = create_app(replace(settings, rate_limit=None), session=session).test_client()
+    assert all(generate(client, prompt="a cat").status_code == 200 for _ in range(25))
+
+
+# -- metrics and the request log -------------------------------------------------------------
+
+
+def test_metrics_count_requests_upstream_calls_and_generation_time(client):
+    generate(client, prompt="a cat")
+    generate(client, prompt="")
+    text = client.get("/metrics").text
+    assert 'nanobanana_http_requests_total{method="GET",route="/nanobanana",status="200"} 1.0' in text
+    assert 'nanobanana_http_requests_total{method="GET",route="/nanobanana",status="400"} 1.0' in text
+    assert 'nanobanana_upstream_calls_total{endpoint="generate",outcome="ok"} 1.0' in text
+    assert 'nanobanana_upstream_calls_total{endpoint="record-info",outcome="ok"} 1.0' in text
+    assert 'nanobanana_generation_seconds_count{status="200"} 1.0' in text
+    assert "nanobanana_generations_in_flight 0.0" in text
+
+
+def test_request_id_is_returned_and_logged_without_the_prompt(client, caplog):
+    with caplog.at_level(logging.INFO, logger="nanobanana.requests"):
+        answer = generate(client, {"X-Request-ID": "chatbot-42"}, prompt="a secret birthday surprise")
+        fresh = client.get("/healthz")
+    assert answer.headers["X-Request-ID"] == "chatbot-42"
+    assert len(fresh.headers["X-Request-ID"]) == 32
+    lines = [r.getMessage() for r in caplog.records if r.name == "nanobanana.requests"]
+    assert any(
+        "request_id=chatbot-42 method=GET path=/nanobanana status=200" in line and answer.json["task_id"] in line
+        for line in lines
+    )
+    assert not any("birthday" in line for line in lines)
+
+
+def test_unusable_request_id_is_replaced(client):
+    answer = client.get("/healthz", headers={"X-Request-ID": "bad id; with <stuff>"})
+    assert len(answer.headers["X-Request-ID"]) == 32 and " " not in answer.headers["X-Request-ID"]
