@@ -15,6 +15,7 @@ from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import openapi
 import telemetry
 from config import Settings, load_settings
 from nanobanana_client import (
@@ -328,6 +329,11 @@ def credits():
 @bp.get("/metrics")
 def metrics():
     return telemetry.exposition(current_app)
+
+
+@bp.get("/openapi.json", endpoint="openapi")
+def openapi_document():
+    return openapi.document(request.host_url, tokens_required=bool(service().settings.access_tokens))
 
 
 @bp.get("/healthz")

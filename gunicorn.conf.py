@@ -33,6 +33,9 @@ worker_class = "gevent"
 worker_connections = 2000  # requests one worker holds at once, waiting ones included
 backlog = 2048
 graceful_timeout = int(settings.polling_window + settings.submit_read_timeout + 10)
+# A GET may carry a 20,000-character prompt, percent-encoded to three times that; gunicorn's 4 KB
+# request-line limit would answer it with an HTML error page. 0 lifts the limit.
+limit_request_line = 0
 accesslog = None  # the app writes its own, cheaper line per request
 # gunicorn's control socket lives at one path per user; instances on one machine would share it.
 control_socket_disable = True

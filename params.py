@@ -197,5 +197,6 @@ def _wait(values: Values, polling_window: float) -> float:
 
 
 def _quote(text: str, limit: int = 80) -> str:
+    """The caller's value, shortened, with control characters made visible, for a one-line message."""
     shown = text if len(text) <= limit else text[: limit - 1] + "…"
-    return f"'{shown}'"
+    return "'" + "".join(c if c.isprintable() else "?" for c in shown) + "'"

@@ -188,3 +188,9 @@ def test_logs_never_show_keys_tokens_or_prompts(upstream, tmp_path):
     request_ids = [answer.headers["X-Request-ID"] for answer in answers]
     assert all(f"request_id={request_id}" in output for request_id in request_ids)
     assert f"task_id={first.json()['task_id']}" in output
+
+
+@pytest.mark.parametrize("model, length", [("nano-banana", 5000), ("nano-banana-2", 20000)])
+def test_longest_prompt_fits_in_a_get(service, model, length):
+    answer = generate(service, prompt="é" * length, model=model)  # percent-encoded: six bytes a character
+    assert answer.status_code == 200, answer.text

@@ -1,0 +1,361 @@
+"""The OpenAPI 3 document of the service, served at /openapi.json.
+
+Built from the same constants the parameter checks use, so the two cannot drift apart.
+The tests validate it, and schemathesis checks the live service against it.
+"""
+
+from __future__ import annotations
+
+from params import ASPECT_RATIOS, FORMATS, IMAGE_URL_NAMES, MAX_NUM_IMAGES, MAX_USER_ID, MODELS, RESOLUTIONS
+
+JSON = "application/json"
+TEXT = "text/plain"
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def error_response(description: str, headers: dict | None = None) -> dict:
+    response = {
+        "description": description,
+        "content": {JSON: {"schema": ref("Error")}, TEXT: {"schema": {"type": "string"}}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def json_response(description: str, schema: dict, headers: dict | None = None) -> dict:
+    response = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+STRING = {"type": "string"}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": STRING}}
+LOCATION = {"Location": {"description": "Where the answer is", "schema": STRING}}
+
+COMMON_ERRORS = {
+    "400": error_response("A parameter is missing or wrong; the message says how to fix it"),
+    "401": error_response(
+        "Access tokens are on and none or a wrong one was given",
+        {"WWW-Authenticate": {"description": "Bearer", "schema": STRING}},
+    ),
+    "404": error_response("Unknown path or task"),
+    "405": error_response("Wrong method", {"Allow": {"description": "The methods allowed", "schema": STRING}}),
+    "413": error_response("Request body over 1 MiB"),
+    "500": error_response("A bug on our side"),
+    "503": error_response("No API key, the upstream or the store is unavailable", RETRY_AFTER),
+}
+
+TASK_RESPONSES = {
+    "200": {
+        "description": "The picture is ready (format=text: its URLs, one per line)",
+        "content": {JSON: {"schema": ref("Success")}, TEXT: {"schema": STRING}},
+    },
+    "202": {
+        "description": "Still being made: ask again at status_url (the Location header)",
+        "headers": LOCATION,
+        "content": {JSON: {"schema": ref("Pending")}, TEXT: {"schema": STRING}},
+    },
+    "302": {"description": "format=redirect: the picture", "headers": LOCATION},
+    "502": {
+        "description": "The generation failed, or the upstream answered something unusable",
+        "content": {JSON: {"schema": {"oneOf": [ref("Failed"), ref("Error")]}}, TEXT: {"schema": STRING}},
+    },
+    **{code: response for code, response in COMMON_ERRORS.items() if code != "405"},
+}
+
+GENERATION_FIELDS = {
+    "prompt": {"type": "string", "minLength": 1, "maxLength": 20000, "description": "What to make or how to edit"},
+    "image_url": {
+        "type": "array",
+        "items": {"type": "string", "format": "uri"},
+        "maxItems": 14,
+        "description": "Images to edit or combine; aliases " + ", ".join(IMAGE_URL_NAMES[1:]),
+    },
+    "model": {"type": "string", "enum": list(MODELS), "default": "nano-banana"},
+    "resolution": {"type": "string", "enum": list(RESOLUTIONS), "description": "pro and 2 only"},
+    "user_id": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "description": "aliases user, userId"},
+    "aspect_ratio": {"type": "string", "enum": sorted({r for ratios in ASPECT_RATIOS.values() for r in ratios})},
+    "num_images": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_IMAGES, "default": 1},
+    "reset": {"type": "string", "enum": ["1", "true", "yes", "0", "false", "no"]},
+    "wait": {"type": "number", "minimum": 0, "description": "Seconds to wait; clamped to the polling window"},
+    "format": {"type": "string", "enum": list(FORMATS), "default": "json"},
+    "token": {"type": "string", "description": "The access token, for callers that cannot send headers"},
+}
+
+
+def generation_parameters() -> list[dict]:
+    parameters = []
+    for name, schema in GENERATION_FIELDS.items():
+        parameter = {"name": name, "in": "query", "required": name == "prompt", "schema": schema}
+        if schema.get("type") == "array":
+            parameter.update(style="form", explode=True)
+        parameters.append(parameter)
+    return parameters
+
+
+def format_parameter() -> dict:
+    return {"name": "format", "in": "query", "schema": GENERATION_FIELDS["format"]}
+
+
+USER_ID_PATH = {
+    "name": "user_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID},
+}
+
+SCHEMAS = {
+    "Success": {
+        "type": "object",
+        "required": [
+            "status",
+            "task_id",
+            "mode",
+            "image_url",
+            "image_urls",
+            "source_image_urls",
+            "used_previous_image",
+        ],
+        "properties": {
+            "status": {"const": "success"},
+            "task_id": STRING,
+            "mode": {"enum": ["text-to-image", "image-to-image"]},
+            "image_url": STRING,
+            "image_urls": {"type": "array", "items": STRING, "minItems": 1},
+            "source_image_urls": {"type": "array", "items": STRING},
+            "used_previous_image": {"type": "boolean"},
+            "user_id": {"type": ["string", "null"]},
+            "elapsed_seconds": {"type": "number"},
+        },
+    },
+    "Pending": {
+        "type": "object",
+        "required": ["status", "task_id", "status_url", "message"],
+        "properties": {"status": {"const": "pending"}, "task_id": STRING, "status_url": STRING, "message": STRING},
+    },
+    "Failed": {
+        "type": "object",
+        "required": ["status", "task_id", "error"],
+        "properties": {
+            "status": {"const": "failed"},
+            "task_id": STRING,
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"const": "generation_failed"}, "message": STRING},
+            },
+        },
+    },
+    "Error": {
+        "type": "object",
+        "required": ["status", "error"],
+        "properties": {
+            "status": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {
+                        "enum": [
+                            "invalid_request",
+                            "unauthorized",
+                            "not_found",
+                            "method_not_allowed",
+                            "too_large",
+                            "rate_limited",
+                            "internal_error",
+                            "upstream_error",
+                            "not_configured",
+                            "upstream_unavailable",
+                            "store_unavailable",
+                        ]
+                    },
+                    "message": STRING,
+                },
+            },
+        },
+    },
+    "History": {
+        "type": "object",
+        "required": ["user_id", "last_image_url", "updated_at"],
+        "properties": {
+            "user_id": STRING,
+            "last_image_url": {"type": ["string", "null"]},
+            "updated_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    },
+    "Cleared": {
+        "type": "object",
+        "required": ["user_id", "cleared"],
+        "properties": {"user_id": STRING, "cleared": {"const": True}},
+    },
+    "Credits": {
+        "type": "object",
+        "required": ["keys"],
+        "properties": {
+            "keys": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["key", "credits", "usable"],
+                    "properties": {
+                        "key": {"type": "integer", "minimum": 1},
+                        "credits": {"type": ["number", "null"]},
+                        "usable": {"type": "boolean"},
+                    },
+                },
+            }
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "configured", "api_keys", "store"],
+        "properties": {
+            "status": {"const": "ok"},
+            "configured": {"type": "boolean"},
+            "api_keys": {"type": "integer", "minimum": 0},
+            "store": {"enum": ["memory", "redis"]},
+        },
+    },
+    "Callback": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "code": {"type": "integer"},
+            "msg": STRING,
+            "data": {"type": "object", "required": ["taskId"], "properties": {"taskId": STRING}},
+        },
+    },
+}
+
+
+def document(server_url: str, tokens_required: bool) -> dict:
+    """The OpenAPI document; with access tokens on, the guarded routes say so."""
+    guarded = [{"bearer": []}] if tokens_required else []
+    generation_body = {
+        "content": {
+            JSON: {"schema": {"type": "object", "required": ["prompt"], "properties": GENERATION_FIELDS}},
+            "application/x-www-form-urlencoded": {
+                "schema": {"type": "object", "required": ["prompt"], "properties": GENERATION_FIELDS}
+            },
+        }
+    }
+    paths = {
+        "/nanobanana": {
+            "get": {
+                "summary": "Make or edit a picture and answer with its URL",
+                "operationId": "generate",
+                "parameters": generation_parameters(),
+                "security": guarded,
+                "responses": {**TASK_RESPONSES, "429": error_response("Over RATE_LIMIT", RETRY_AFTER)},
+            },
+            "post": {
+                "summary": "The same, with the fields in a form or JSON body",
+                "operationId": "generatePost",
+                "requestBody": generation_body,
+                "security": guarded,
+                "responses": {**TASK_RESPONSES, "429": error_response("Over RATE_LIMIT", RETRY_AFTER)},
+            },
+        },
+        "/nanobanana/tasks/{task_id}": {
+            "get": {
+                "summary": "A task made through this service: its picture, or still pending",
+                "operationId": "task",
+                "parameters": [
+                    {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}},
+                    format_parameter(),
+                ],
+                "security": guarded,
+                "responses": TASK_RESPONSES,
+            }
+        },
+        "/nanobanana/history/{user_id}": {
+            "get": {
+                "summary": "A user's remembered picture",
+                "operationId": "history",
+                "parameters": [USER_ID_PATH],
+                "security": guarded,
+                "responses": {
+                    "200": json_response("The remembered picture, or nulls", ref("History")),
+                    **COMMON_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Forget a user's picture (idempotent)",
+                "operationId": "forget",
+                "parameters": [USER_ID_PATH],
+                "security": guarded,
+                "responses": {"200": json_response("Forgotten", ref("Cleared")), **COMMON_ERRORS},
+            },
+        },
+        "/nanobanana/credits": {
+            "get": {
+                "summary": "Remaining upstream credits of each key, by its number",
+                "operationId": "credits",
+                "security": guarded,
+                "responses": {"200": json_response("Credits by key number", ref("Credits")), **COMMON_ERRORS},
+            }
+        },
+        "/nanobanana/callback": {
+            "post": {
+                "summary": "For the upstream: a task has ended",
+                "operationId": "callback",
+                "parameters": [{"name": "secret", "in": "query", "schema": STRING}],
+                "requestBody": {"required": True, "content": {JSON: {"schema": ref("Callback")}}},
+                "security": [],
+                "responses": {
+                    "200": json_response(
+                        "Received (ignored unless genuine)",
+                        {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]},
+                    ),
+                    **{code: COMMON_ERRORS[code] for code in ("400", "413", "500", "503")},
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness and configuration, never a secret",
+                "operationId": "health",
+                "security": [],
+                "responses": {"200": json_response("Healthy", ref("Health"))},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "security": guarded,
+                "responses": {
+                    "200": {"description": "Prometheus text format", "content": {TEXT: {"schema": STRING}}},
+                    "401": COMMON_ERRORS["401"],
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "security": [],
+                "responses": {"200": json_response("OpenAPI 3.1", {"type": "object"})},
+            }
+        },
+    }
+    spec = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Nano Banana API wrapper",
+            "version": "1.0.0",
+            "description": "One HTTP GET in front of the NanoBanana image API, with per-user picture memory.",
+        },
+        "servers": [{"url": server_url.rstrip("/")}],
+        "paths": paths,
+        "components": {"schemas": SCHEMAS},
+    }
+    if tokens_required:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return spec
