@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from flask import Blueprint, Flask, current_app, g, jsonify, make_response, redirect, request, url_for
+from flask import Blueprint, Flask, current_app, g, jsonify, make_response, redirect, render_template, request, url_for
 from flask_limiter import Limiter
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -209,7 +209,13 @@ def conversation_key(owner: str, user_id: str | None) -> str | None:
 
 # -- access and limits -------------------------------------------------------------------
 
-OPEN_ENDPOINTS = {"nanobanana.upstream_callback", "nanobanana.healthz", "nanobanana.openapi", "nanobanana.home"}
+OPEN_ENDPOINTS = {
+    "nanobanana.upstream_callback",
+    "nanobanana.healthz",
+    "nanobanana.openapi",
+    "nanobanana.home",
+    "static",
+}
 
 
 def require_access_token() -> None:
@@ -274,6 +280,12 @@ def rate_limit_key() -> str:
 
 
 # -- routes ----------------------------------------------------------------------------
+
+
+@bp.get("/", endpoint="home")
+def home():
+    """The page to try it: a prompt box, the picture, and this browser's conversation."""
+    return render_template("index.html")
 
 
 @bp.route("/nanobanana", methods=["GET", "POST"])

@@ -338,7 +338,8 @@ def placeholder_svg(task: EmulatedTask, number: int) -> str:
     sources = task.params.get("imageUrls") or []
     if sources:
         lines += ["", f"edited from {len(sources)} picture(s):"]
-        lines += [textwrap.shorten(url.rsplit("/files/", 1)[-1], 40) for url in sources[:4]]
+        names = [url.rstrip("/").rsplit("/files/", 1)[-1] for url in sources[:4]]
+        lines += [name if len(name) <= 30 else name[:29] + "…" for name in names]
     text = "".join(
         f'<text x="32" y="{80 + 34 * i}" font-size="26">{html.escape(line)}</text>' for i, line in enumerate(lines)
     )

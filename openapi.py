@@ -246,6 +246,14 @@ def document(server_url: str, tokens_required: bool) -> dict:
         }
     }
     paths = {
+        "/": {
+            "get": {
+                "summary": "A small web page to try the service",
+                "operationId": "home",
+                "security": [],
+                "responses": {"200": {"description": "The page", "content": {"text/html": {"schema": STRING}}}},
+            }
+        },
         "/nanobanana": {
             "get": {
                 "summary": "Make or edit a picture and answer with its URL",

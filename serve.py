@@ -17,7 +17,8 @@ DEMO_BANNER = """
   Pictures are placeholders that show their prompt. Nothing is paid for.
   Put API_KEYS_1=... in .env to use the real NanoBanana API.
 
-  Try: http://127.0.0.1:{port}/nanobanana?prompt=a+cat&user_id=me
+  Open http://127.0.0.1:{port}/ to try it in your browser, or
+  http://127.0.0.1:{port}/nanobanana?prompt=a+cat&user_id=me
   then http://127.0.0.1:{port}/nanobanana?prompt=make+it+blue&user_id=me
 ==========================================================================
 """

@@ -1,0 +1,194 @@
+// The try-it page: one conversation per browser, kept in localStorage so a reload continues it.
+"use strict";
+
+const KEYS = { user: "nanobanana.userId", chain: "nanobanana.chain", token: "nanobanana.token" };
+const POLL_EVERY_MS = 2000;
+const GIVE_UP_AFTER_MS = 5 * 60 * 1000;
+
+const $ = (id) => document.getElementById(id);
+const form = $("make");
+const promptBox = $("prompt");
+const imageUrlBox = $("image-url");
+const modelBox = $("model");
+const tokenBox = $("token");
+const submitButton = $("submit");
+const startOverButton = $("start-over");
+const statusLine = $("status");
+const errorLine = $("error");
+
+function newUserId() {
+  const random = window.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Math.random()).slice(2);
+  return "web-" + random;
+}
+
+function userId() {
+  let id = localStorage.getItem(KEYS.user);
+  if (!id) {
+    id = newUserId();
+    localStorage.setItem(KEYS.user, id);
+  }
+  return id;
+}
+
+function loadChain() {
+  try {
+    return JSON.parse(localStorage.getItem(KEYS.chain) || "[]");
+  } catch (_) {
+    return [];
+  }
+}
+
+function saveChain(chain) {
+  localStorage.setItem(KEYS.chain, JSON.stringify(chain));
+}
+
+function authHeaders() {
+  const token = tokenBox.value.trim();
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+function showError(message) {
+  errorLine.textContent = message;
+  errorLine.hidden = false;
+}
+
+function clearError() {
+  errorLine.textContent = "";
+  errorLine.hidden = true;
+}
+
+function picture(url, caption) {
+  const figure = document.createElement("figure");
+  const image = document.createElement("img");
+  image.src = url;
+  image.alt = caption;
+  const text = document.createElement("figcaption");
+  text.textContent = caption;
+  figure.append(image, text);
+  return figure;
+}
+
+function render() {
+  const chain = loadChain();
+  const list = $("chain");
+  list.replaceChildren(
+    ...chain.map((step) => {
+      const item = document.createElement("li");
+      item.append(picture(step.image_url, step.prompt));
+      return item;
+    })
+  );
+  $("chain-empty").hidden = chain.length > 0;
+  const last = chain[chain.length - 1];
+  $("result").hidden = !last;
+  if (last) {
+    $("result-image").src = last.image_url;
+    $("result-image").alt = last.prompt;
+    $("result-caption").textContent = last.prompt;
+  }
+}
+
+// Ask the service, then follow status_url while the picture is still being made.
+async function generate(body) {
+  const started = Date.now();
+  let answer = await fetch("/nanobanana", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...authHeaders() },
+    body: JSON.stringify(body),
+  });
+  let data = await readJson(answer);
+  while (answer.status === 202 && Date.now() - started < GIVE_UP_AFTER_MS) {
+    await new Promise((resolve) => setTimeout(resolve, POLL_EVERY_MS));
+    answer = await fetch(data.status_url, { headers: authHeaders() });
+    data = await readJson(answer);
+  }
+  return { status: answer.status, data };
+}
+
+async function readJson(answer) {
+  try {
+    return await answer.json();
+  } catch (_) {
+    return { error: { message: "The service sent an answer this page cannot read (HTTP " + answer.status + ")." } };
+  }
+}
+
+function startClock() {
+  const started = Date.now();
+  const tick = () => {
+    const seconds = Math.floor((Date.now() - started) / 1000);
+    statusLine.textContent = "Making your picture… " + seconds + " s";
+  };
+  tick();
+  return setInterval(tick, 1000);
+}
+
+async function make(event) {
+  event.preventDefault();
+  clearError();
+  const prompt = promptBox.value.trim();
+  if (!prompt) {
+    showError("Please write what the picture should show.");
+    promptBox.focus();
+    return;
+  }
+  const body = { prompt, user_id: userId(), model: modelBox.value };
+  const imageUrl = imageUrlBox.value.trim();
+  if (imageUrl) body.image_url = imageUrl;
+
+  submitButton.disabled = true;
+  const clock = startClock();
+  try {
+    const { status, data } = await generate(body);
+    if (status === 200) {
+      saveChain([...loadChain(), { prompt, image_url: data.image_url }]);
+      render();
+      promptBox.value = "";
+      imageUrlBox.value = "";
+      statusLine.textContent = "Done in " + Math.round(data.elapsed_seconds) + " s. Describe a change to edit it.";
+    } else if (status === 202) {
+      statusLine.textContent = "";
+      showError("The picture is taking unusually long. Please try again in a few minutes.");
+    } else {
+      statusLine.textContent = "";
+      showError((data.error && data.error.message) || "Something went wrong (HTTP " + status + ").");
+    }
+  } catch (_) {
+    statusLine.textContent = "";
+    showError("The service could not be reached. Please check your connection and try again.");
+  } finally {
+    clearInterval(clock);
+    submitButton.disabled = false;
+  }
+}
+
+async function startOver() {
+  clearError();
+  try {
+    const answer = await fetch("/nanobanana/history/" + encodeURIComponent(userId()), {
+      method: "DELETE",
+      headers: authHeaders(),
+    });
+    if (!answer.ok) {
+      const data = await readJson(answer);
+      showError((data.error && data.error.message) || "Could not start over (HTTP " + answer.status + ").");
+      return;
+    }
+  } catch (_) {
+    showError("The service could not be reached. Please check your connection and try again.");
+    return;
+  }
+  saveChain([]);
+  render();
+  statusLine.textContent = "Started over. The next picture begins a new conversation.";
+  promptBox.focus();
+}
+
+tokenBox.value = localStorage.getItem(KEYS.token) || "";
+tokenBox.addEventListener("change", () => localStorage.setItem(KEYS.token, tokenBox.value.trim()));
+promptBox.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
+});
+form.addEventListener("submit", make);
+startOverButton.addEventListener("click", startOver);
+render();
