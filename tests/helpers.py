@@ -19,6 +19,8 @@ import redis
 import requests
 from werkzeug.serving import make_server
 
+from emulator import Upstream, create_emulator
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +39,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def emulated_upstream(**options) -> Iterator[Upstream]:
+    """The emulator served on a free port; yields its state, with `url` set to where it listens."""
+    state = Upstream(**options)
+    with serving(create_emulator(state)) as url:
+        state.url = url
+        yield state
 
 
 @contextmanager

@@ -5,17 +5,14 @@ from __future__ import annotations
 import pytest
 import requests
 
-from emulator import Upstream, create_emulator
-from tests.helpers import Service, free_port, serving, wait_until
+from tests.helpers import Service, emulated_upstream, free_port, wait_until
 
 KEY = "callback-key"
 
 
 @pytest.fixture(scope="module")
 def upstream():
-    state = Upstream(delay=0.3, keys={KEY: 1000})
-    with serving(create_emulator(state)) as url:
-        state.url = url
+    with emulated_upstream(delay=0.3, keys={KEY: 1000}) as state:
         yield state
 
 

@@ -9,8 +9,7 @@ import time
 import pytest
 import requests
 
-from emulator import Upstream, create_emulator
-from tests.helpers import Service, serving, wait_until
+from tests.helpers import Service, emulated_upstream, wait_until
 
 EMPTY_KEY = secrets.token_hex(16)  # a key without credits, tried first
 GOOD_KEY = secrets.token_hex(16)
@@ -18,9 +17,7 @@ GOOD_KEY = secrets.token_hex(16)
 
 @pytest.fixture(scope="module")
 def upstream():
-    state = Upstream(delay=0.1, keys={EMPTY_KEY: 0, GOOD_KEY: 1000})
-    with serving(create_emulator(state)) as url:
-        state.url = url
+    with emulated_upstream(delay=0.1, keys={EMPTY_KEY: 0, GOOD_KEY: 1000}) as state:
         yield state
 
 

@@ -11,8 +11,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from app import create_app
-from emulator import Upstream, create_emulator
-from tests.helpers import Service, serving
+from tests.helpers import Service, emulated_upstream
 
 
 def test_document_is_valid_openapi(client):
@@ -41,11 +40,10 @@ def test_security_is_declared_only_when_tokens_are_on(settings, session, client)
 
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory):
-    state = Upstream(delay=0.0)
-    with serving(create_emulator(state)) as upstream_url:
+    with emulated_upstream(delay=0.0) as upstream:
         environ = {
             "API_KEYS_1": "schemathesis-key",
-            "NANOBANANA_API_BASE": upstream_url,
+            "NANOBANANA_API_BASE": upstream.url,
             "POLL_INTERVAL": "0.05",
             "POLL_MAX_ATTEMPTS": "10",
             "RATE_LIMIT": "off",

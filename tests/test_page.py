@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from emulator import Upstream, create_emulator
-from tests.helpers import Service, serving
+from tests.helpers import Service, emulated_upstream
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -45,9 +44,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def upstream():
-    state = Upstream(delay=0.3)
-    with serving(create_emulator(state)) as url:
-        state.url = url
+    with emulated_upstream(delay=0.3) as state:
         yield state
 
 

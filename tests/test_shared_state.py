@@ -8,17 +8,14 @@ import psutil
 import pytest
 import requests
 
-from emulator import Upstream, create_emulator
-from tests.helpers import Service, serving, wait_until
+from tests.helpers import Service, emulated_upstream, wait_until
 
 KEY = "shared-state-key"
 
 
 @pytest.fixture(scope="module")
 def upstream():
-    state = Upstream(delay=0.1, keys={KEY: 1000})
-    with serving(create_emulator(state)) as url:
-        state.url = url
+    with emulated_upstream(delay=0.1, keys={KEY: 1000}) as state:
         yield state
 
 
