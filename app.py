@@ -166,7 +166,6 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
     metrics = telemetry.init_app(app, settings.metrics_dir)
     app.before_request(require_access_token)  # before the rate limit: strangers spend nobody's quota
-    init_rate_limit(app, settings)
     poll_interval, poll_max_attempts = settings.poll_schedule
     client = NanoBananaClient(
         settings.api_base,
@@ -184,6 +183,7 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     store = store or new_store(settings)
     app.extensions["nanobanana"] = Service(settings, client, store)
     app.register_blueprint(bp)
+    init_rate_limit(app, settings)
     app.register_error_handler(Exception, handle_error)
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
@@ -254,11 +254,9 @@ def matching_token(given: str, tokens: tuple[str, ...]) -> str | None:
 
 def init_rate_limit(app: Flask, settings: Settings) -> None:
     """RATE_LIMIT on generation requests, per user (within its token), else per client address."""
-    Limiter(
+    limiter = Limiter(
         key_func=rate_limit_key,
         app=app,
-        default_limits=[settings.rate_limit] if settings.rate_limit else [],
-        default_limits_exempt_when=lambda: request.endpoint != "nanobanana.generate",
         storage_uri=settings.redis_url or "memory://",
         headers_enabled=True,
         key_prefix="nanobanana-limits",
@@ -267,6 +265,10 @@ def init_rate_limit(app: Flask, settings: Settings) -> None:
         in_memory_fallback_enabled=True,
         swallow_errors=True,
     )
+    endpoint = "nanobanana.generate"
+    limiter.request_filter(lambda: request.endpoint != endpoint)  # every other request skips the limiter at once
+    if settings.rate_limit:
+        app.view_functions[endpoint] = limiter.limit(settings.rate_limit)(app.view_functions[endpoint])
 
 
 def rate_limit_key() -> str:
