@@ -47,6 +47,25 @@ class Metrics:
     def upstream_call(self, endpoint: str, outcome: str) -> None:
         self.upstream_calls.labels(endpoint, outcome).inc()
 
+    def answered(self, route: str, method: str, path: str, status: int, duration: float, request_id: str, task_id):
+        """Count a request and write its one log line."""
+        self.requests.labels(route, method, str(status)).inc()
+        # The path only: query strings carry prompts, tokens and callback secrets.
+        request_log.info(
+            "request_id=%s method=%s path=%s status=%d duration_ms=%.0f task_id=%s",
+            request_id,
+            method,
+            path,
+            status,
+            duration * 1000,
+            task_id or "-",
+        )
+
+
+def request_id(incoming: str) -> str:
+    """The caller's X-Request-ID when it is a sane one, else a new id."""
+    return incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
 
 def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
     """Attach metrics, request ids and the request log to the app."""
@@ -57,26 +76,23 @@ def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
     @app.before_request
     def start_request() -> None:
         g.started = time.monotonic()
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        g.request_id = request_id(request.headers.get("X-Request-ID", ""))
 
     @app.after_request
     def finish_request(response: Response) -> Response:
         duration = time.monotonic() - g.get("started", time.monotonic())
-        route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
         if request.endpoint == "nanobanana.generate":
             metrics.generation_seconds.labels(str(response.status_code)).observe(duration)
         response.headers["X-Request-ID"] = g.get("request_id", "")
-        # The path only: query strings carry prompts, tokens and callback secrets.
-        request_log.info(
-            "request_id=%s method=%s path=%s status=%d duration_ms=%.0f task_id=%s",
-            g.get("request_id", "-"),
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.answered(
+            route,
             request.method,
             request.path,
             response.status_code,
-            duration * 1000,
-            g.get("task_id", "-"),
+            duration,
+            g.get("request_id", "-"),
+            g.get("task_id"),
         )
         return response
 

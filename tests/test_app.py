@@ -6,6 +6,7 @@ import pytest
 
 from app import create_app
 from config import Settings
+from store import StoreUnavailable
 from tests.conftest import UPSTREAM
 from tests.helpers import wait_until
 
@@ -356,3 +357,47 @@ def test_unexpected_failure_is_json_500_without_a_trace(settings, session):
     assert answer.status_code == 500
     assert answer.json["error"]["code"] == "internal_error"
     assert "disk on fire" not in answer.text and "Traceback" not in answer.text
+
+
+# -- the upstream's callback route --------------------------------------------------------
+
+
+def test_callback_with_a_body_that_is_not_json_is_400(client):
+    answer = client.post("/nanobanana/callback", data=b"\xff not json", content_type="application/json")
+    assert answer.status_code == 400
+    assert answer.json["error"] == {
+        "code": "invalid_request",
+        "message": "A callback needs a JSON body with data.taskId.",
+    }
+    assert len(answer.headers["X-Request-ID"]) == 32
+
+
+def test_callback_over_one_mebibyte_is_413(client):
+    answer = client.post("/nanobanana/callback", data=b"x" * (1024 * 1024 + 1), content_type="application/json")
+    assert answer.status_code == 413 and answer.json["error"]["code"] == "too_large"
+
+
+def test_callback_route_takes_only_post(client):
+    answer = client.get("/nanobanana/callback")
+    assert answer.status_code == 405 and answer.json["error"]["code"] == "method_not_allowed"
+
+
+def test_callback_is_counted_and_logged(client, caplog):
+    with caplog.at_level("INFO", logger="nanobanana.requests"):
+        client.post("/nanobanana/callback", json={"data": {"taskId": "stranger"}}, headers={"X-Request-ID": "cb-1"})
+    assert any(
+        "request_id=cb-1 method=POST path=/nanobanana/callback status=200" in r.getMessage() for r in caplog.records
+    )
+    assert 'route="/nanobanana/callback",status="200"' in client.get("/metrics").text
+
+
+def test_callback_while_the_store_is_away_is_503(settings, session):
+    class AwayStore:
+        name = "away"
+
+        def task(self, task_id):
+            raise StoreUnavailable("connection refused")
+
+    client = create_app(settings, session=session, store=AwayStore()).test_client()
+    answer = client.post("/nanobanana/callback?secret=s", json={"data": {"taskId": "t"}})
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "store_unavailable"
