@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 
 DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
 DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
+DEFAULT_DATABASE_PATH = "data/nanobanana.sqlite3"
 CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, for a callback that never comes
 
 
@@ -34,6 +35,7 @@ class Settings:
     port: int = 8000
     web_concurrency: int = 1
     redis_url: str | None = None
+    database_path: str = DEFAULT_DATABASE_PATH  # the SQLite store, when there is no REDIS_URL
     public_base_url: str | None = None
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
@@ -71,7 +73,7 @@ class Settings:
 
     @property
     def store_name(self) -> str:
-        return "redis" if self.redis_url else "memory"
+        return "redis" if self.redis_url else "sqlite"
 
 
 def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
@@ -88,8 +90,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
     redis_url = _redis_url(env)
     if web_concurrency > 1 and not redis_url:
         raise ConfigError(
-            f"WEB_CONCURRENCY={web_concurrency} needs REDIS_URL: without it each worker would keep its own "
-            "history and conversations would split between them; set REDIS_URL or WEB_CONCURRENCY=1"
+            f"WEB_CONCURRENCY={web_concurrency} needs REDIS_URL: the embedded SQLite store serves one process "
+            "(a callback to one worker would not wake a request waiting in another); set REDIS_URL or WEB_CONCURRENCY=1"
         )
     return Settings(
         api_keys=_api_keys(env),
@@ -100,6 +102,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         port=_integer(env, "PORT", 8000, minimum=1, maximum=65535),
         web_concurrency=web_concurrency,
         redis_url=redis_url,
+        database_path=_text(env, "DATABASE_PATH", DEFAULT_DATABASE_PATH),
         public_base_url=_url(env, "PUBLIC_BASE_URL", None),
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),

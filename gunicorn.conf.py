@@ -1,9 +1,9 @@
 """gunicorn settings for the Procfile and `make run`.
 
-One process with gevent: the in-memory history stays in one place, and a request that waits
-a minute for its picture holds a greenlet (a few KB), not a thread or a process. Measured with
-`make bench` against threads (gthread), gevent used about half the CPU per request and kept the
-added delay under one poll interval at 1,000 requests in flight; see README.
+One process with gevent (the SQLite store serves one process; with REDIS_URL, WEB_CONCURRENCY
+may be more): a request that waits a minute for its picture holds a greenlet (a few KB), not a
+thread. Measured with `make bench` against threads (gthread), gevent used about half the CPU per
+request and kept the added delay under one poll interval at 1,000 requests in flight; see README.
 
 The worker timeout only watches the worker's heartbeat, so a request inside its wait is never
 killed for being slow, and a restart lets waiting requests finish (graceful_timeout).
@@ -11,15 +11,21 @@ killed for being slow, and a restart lets waiting requests finish (graceful_time
 
 import logging
 import os
+import sqlite3
 import sys
 import tempfile
 
 from config import ConfigError, load_settings
+from store_sqlite import open_database
 
 try:
     settings = load_settings()
+    if not settings.redis_url:  # create or migrate the schema once, before any worker starts
+        open_database(settings.database_path).close()
 except ConfigError as error:
     sys.exit(f"Configuration error: {error}")
+except sqlite3.Error as error:
+    sys.exit(f"Configuration error: DATABASE_PATH={settings.database_path!r} cannot be used: {error}")
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -39,6 +45,18 @@ limit_request_line = 0
 accesslog = None  # the app writes its own, cheaper line per request
 # gunicorn's control socket lives at one path per user; instances on one machine would share it.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Each worker renews its lease and takes over orphaned tasks from the start, before any request."""
+    worker.wsgi.extensions["lifecycle"].start()
+
+
+def worker_exit(server, worker):
+    """A worker that stops (a deploy, a reload) hands its pending tasks over at once."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions["lifecycle"].stop()
 
 
 def child_exit(server, worker):

@@ -6,6 +6,7 @@ of Flask or of users. Every upstream failure leaves it as a `NanoBananaError`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -28,16 +29,20 @@ MODEL_PATHS = {
 RECORD_INFO_PATH = "/api/v1/nanobanana/record-info"
 # The upstream requires a callback address; this one is never reachable from outside the upstream.
 CALLBACK_PLACEHOLDER = "http://localhost/nanobanana/callback"
+LOST_TASK_MESSAGE = "The image service no longer knows this picture, so it cannot be delivered. Please ask again."
 
 SUBMIT_RETRIES = 2
 KEY_BENCH_SECONDS = 600
+MAX_POLL_GAP = 600.0  # past the polling window, the gap between two polls doubles up to this
 RETRYABLE_SUBMIT_CODES = frozenset({429, 455, 500, 502, 503, 504})
 BUSY_CODES = frozenset({429, 455, 503})
 KEY_REFUSED_CODES = frozenset({401, 402})
 
 
 class NanoBananaError(Exception):
-    """Root of every upstream failure; `message` is a plain sentence for the caller."""
+    """Root of every upstream failure; `message` is a plain sentence for the caller, `code` names the failure."""
+
+    code = "upstream_error"
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -52,12 +57,20 @@ class SubmissionUncertain(UpstreamError):
     """A submission timed out after it was sent: the task may exist, so it is not retried."""
 
 
+class TaskNotFound(UpstreamError):
+    """record-info does not know the task."""
+
+
 class UpstreamRejected(NanoBananaError):
     """The upstream refused the request itself (bad parameters, content policy)."""
+
+    code = "invalid_request"
 
 
 class UpstreamUnavailable(NanoBananaError):
     """No key is usable, or the upstream is down or rate-limiting us."""
+
+    code = "upstream_unavailable"
 
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
@@ -86,7 +99,7 @@ class Generation:
 
 @dataclass(frozen=True)
 class Task:
-    """A task the upstream accepted, and the number (1-based) of the key that owns it."""
+    """A task the upstream accepted, the number (1-based) of the key that owns it, and when (wall clock)."""
 
     task_id: str
     key_number: int
@@ -128,7 +141,7 @@ class KeyRing:
 
     keys: tuple[str, ...]
     bench_seconds: float = KEY_BENCH_SECONDS
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = time.time
     _benched_until: dict[int, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -139,6 +152,14 @@ class KeyRing:
         if not 1 <= number <= len(self.keys):
             raise UpstreamError("The API key that created this task is no longer configured.")
         return self.keys[number - 1]
+
+    def key_id(self, number: int) -> str:
+        """A fingerprint of the key, to find it again after the keys were renumbered; never the key."""
+        return hashlib.sha256(self.key(number).encode()).hexdigest()[:16]
+
+    def number_of(self, key_id: str | None) -> int | None:
+        """The number of the key with this fingerprint, if it is still configured."""
+        return next((n for n in range(1, len(self.keys) + 1) if self.key_id(n) == key_id), None)
 
     def is_usable(self, number: int) -> bool:
         with self._lock:
@@ -158,17 +179,17 @@ class KeyRing:
             self._benched_until[number] = self.clock() + self.bench_seconds
 
 
-def build_session(pool_size: int = 256) -> requests.Session:
-    """One pooled session shared by the whole process, holding at most `pool_size` upstream connections.
+def build_session(pool_size: int = 1024) -> requests.Session:
+    """One pooled session shared by the whole process, keeping up to `pool_size` upstream connections.
 
-    A call waits for a free connection rather than opening (and throwing away) one more: under a
-    burst of a thousand polls that saves handshakes, CPU and a log line per discarded connection.
+    A call never waits for a connection another call holds: a hung upstream call must not delay
+    any other task's. Beyond `pool_size` calls at once, extra connections are opened and dropped.
     """
     session = requests.Session()
     # Not from the environment: proxy variables and ~/.netrc would be looked up again on every call,
     # which cost about half the CPU of a status poll; the upstream is reached directly.
     session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, pool_block=True)
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, pool_block=False)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -188,7 +209,7 @@ class NanoBananaClient:
         poll_read_timeout: float = 10.0,
         credit_path: str = "/api/v1/common/credit",
         retry_backoff: float = 0.5,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         on_call: Callable[[str, str], None] | None = None,
     ):
@@ -259,23 +280,25 @@ class NanoBananaClient:
         timeout = (self.connect_timeout, read_timeout or self.poll_read_timeout)
         params = {"taskId": task.task_id}
         answer = self._send("GET", RECORD_INFO_PATH, self.keys.key(task.key_number), timeout, params=params)
+        if answer.code == 404:
+            raise TaskNotFound("The image service has no record of this picture.")
         if answer.code != 200:
             raise _error_for(answer)
         return parse_record(answer.data)
 
     def wait(self, task: Task, timeout: float, wake: threading.Event | None = None) -> TaskStatus:
-        """Poll on the task's own schedule until it ends, `timeout` seconds pass or the polls run out.
+        """Poll on the task's own schedule until it ends or `timeout` seconds pass.
 
-        Polls fall every `poll_interval` seconds after submission, at most `poll_max_attempts`
-        of them in the task's life, so a later call goes on where an earlier one stopped.
-        A failed poll counts as an attempt, and polling goes on. With `wake`, the wait also ends
-        as soon as the event is set, and lasts the whole `timeout` even when the polls run out.
+        Polls fall every `poll_interval` seconds after submission for `poll_max_attempts` polls
+        (the polling window), then further and further apart (see `poll_time`), so a later call
+        goes on where an earlier one stopped. A failed poll counts as an attempt, and polling
+        goes on. With `wake`, the wait also ends as soon as the event is set.
         """
         deadline = self.clock() + timeout
         status = PENDING
         slot = self._next_slot(task)
         while True:
-            poll_at = task.submitted_at + slot * self.poll_interval if slot <= self.poll_max_attempts else math.inf
+            poll_at = self.poll_time(task, slot)
             if poll_at > deadline and wake is None:
                 return status
             if self._pause_until(min(poll_at, deadline), wake) or poll_at > deadline:
@@ -284,6 +307,17 @@ class NanoBananaClient:
             if status.done:
                 return status
             slot = max(slot + 1, self._next_slot(task))
+
+    def poll_time(self, task: Task, slot: int) -> float:
+        """When the task's `slot`-th poll is due: every poll_interval within the window, then doubling gaps."""
+        window = self.poll_max_attempts
+        if slot <= window:
+            return task.submitted_at + slot * self.poll_interval
+        moment, gap = task.submitted_at + window * self.poll_interval, self.poll_interval
+        for _ in range(slot - window):
+            gap = min(gap * 2, MAX_POLL_GAP)
+            moment += gap
+        return moment
 
     def _pause_until(self, moment: float, wake: threading.Event | None) -> bool:
         """Sleep until `moment`; True if woken before it."""
@@ -294,11 +328,25 @@ class NanoBananaClient:
         return False
 
     def _next_slot(self, task: Task) -> int:
-        return math.floor((self.clock() - task.submitted_at) / self.poll_interval + 1e-9) + 1
+        """The first poll of the task's schedule that is still to come."""
+        now = self.clock()
+        slot = math.floor((now - task.submitted_at) / self.poll_interval + 1e-9) + 1
+        if slot <= self.poll_max_attempts:
+            return slot
+        slot = self.poll_max_attempts + 1
+        while self.poll_time(task, slot) <= now:
+            slot += 1
+        return slot
 
     def _poll(self, task: Task, read_timeout: float) -> TaskStatus:
         try:
             return self.status(task, read_timeout=read_timeout)
+        except TaskNotFound:
+            # Right after submission this may be the upstream catching up; past the window it is lost.
+            if self.clock() - task.submitted_at > self.poll_interval * self.poll_max_attempts:
+                return TaskStatus("failed", error_message=LOST_TASK_MESSAGE)
+            log.info("poll of task %s: not found yet", task.task_id)
+            return PENDING
         except NanoBananaError as failure:
             log.info("poll of task %s failed: %s", task.task_id, failure.message)
             return PENDING
@@ -437,7 +485,9 @@ def _task_id(answer: _Answer) -> str:
     data = answer.data if isinstance(answer.data, dict) else {}
     task_id = data.get("taskId")
     if not isinstance(task_id, str) or not task_id:
-        raise UpstreamError("The image service accepted the request but sent no task id.")
+        raise SubmissionUncertain(
+            "The image service accepted the request but sent no task id, so it cannot be followed."
+        )
     return task_id
 
 

@@ -6,7 +6,16 @@ The tests validate it, and schemathesis checks the live service against it.
 
 from __future__ import annotations
 
-from params import ASPECT_RATIOS, FORMATS, IMAGE_URL_NAMES, MAX_NUM_IMAGES, MAX_USER_ID, MODELS, RESOLUTIONS
+from params import (
+    ASPECT_RATIOS,
+    FORMATS,
+    IMAGE_URL_NAMES,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_NUM_IMAGES,
+    MAX_USER_ID,
+    MODELS,
+    RESOLUTIONS,
+)
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -34,6 +43,7 @@ def json_response(description: str, schema: dict, headers: dict | None = None) -
 
 
 STRING = {"type": "string"}
+UPSTREAM_TASK_ID = {"type": ["string", "null"], "description": "The upstream's id for the task, once known"}
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": STRING}}
 LOCATION = {"Location": {"description": "Where the answer is", "schema": STRING}}
 
@@ -85,6 +95,23 @@ GENERATION_FIELDS = {
     "wait": {"type": "number", "minimum": 0, "description": "Seconds to wait; clamped to the polling window"},
     "format": {"type": "string", "enum": list(FORMATS), "default": "json"},
     "token": {"type": "string", "description": "The access token, for callers that cannot send headers"},
+    "idempotency_key": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_IDEMPOTENCY_KEY,
+        "description": "The same key (with the same parameters) within 24 hours is the same picture, paid once",
+    },
+}
+IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "schema": GENERATION_FIELDS["idempotency_key"],
+    "description": "The same as the idempotency_key parameter",
+}
+GENERATION_RESPONSES = {
+    **TASK_RESPONSES,
+    "422": error_response("This idempotency key was used for a different request"),
+    "429": error_response("Over RATE_LIMIT", RETRY_AFTER),
 }
 
 
@@ -95,7 +122,7 @@ def generation_parameters() -> list[dict]:
         if schema.get("type") == "array":
             parameter.update(style="form", explode=True)
         parameters.append(parameter)
-    return parameters
+    return [*parameters, IDEMPOTENCY_HEADER]
 
 
 def format_parameter() -> dict:
@@ -124,6 +151,7 @@ SCHEMAS = {
         "properties": {
             "status": {"const": "success"},
             "task_id": STRING,
+            "upstream_task_id": UPSTREAM_TASK_ID,
             "mode": {"enum": ["text-to-image", "image-to-image"]},
             "image_url": STRING,
             "image_urls": {"type": "array", "items": STRING, "minItems": 1},
@@ -136,7 +164,13 @@ SCHEMAS = {
     "Pending": {
         "type": "object",
         "required": ["status", "task_id", "status_url", "message"],
-        "properties": {"status": {"const": "pending"}, "task_id": STRING, "status_url": STRING, "message": STRING},
+        "properties": {
+            "status": {"const": "pending"},
+            "task_id": STRING,
+            "upstream_task_id": UPSTREAM_TASK_ID,
+            "status_url": STRING,
+            "message": STRING,
+        },
     },
     "Failed": {
         "type": "object",
@@ -144,10 +178,16 @@ SCHEMAS = {
         "properties": {
             "status": {"const": "failed"},
             "task_id": STRING,
+            "upstream_task_id": UPSTREAM_TASK_ID,
             "error": {
                 "type": "object",
                 "required": ["code", "message"],
-                "properties": {"code": {"const": "generation_failed"}, "message": STRING},
+                "properties": {
+                    "code": {
+                        "enum": ["generation_failed", "upstream_error", "upstream_unavailable", "invalid_request"]
+                    },
+                    "message": STRING,
+                },
             },
         },
     },
@@ -173,6 +213,7 @@ SCHEMAS = {
                             "not_configured",
                             "upstream_unavailable",
                             "store_unavailable",
+                            "idempotency_conflict",
                         ]
                     },
                     "message": STRING,
@@ -219,7 +260,7 @@ SCHEMAS = {
             "status": {"const": "ok"},
             "configured": {"type": "boolean"},
             "api_keys": {"type": "integer", "minimum": 0},
-            "store": {"enum": ["memory", "redis"]},
+            "store": {"enum": ["sqlite", "redis"]},
         },
     },
     "Callback": {
@@ -260,19 +301,20 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 "operationId": "generate",
                 "parameters": generation_parameters(),
                 "security": guarded,
-                "responses": {**TASK_RESPONSES, "429": error_response("Over RATE_LIMIT", RETRY_AFTER)},
+                "responses": GENERATION_RESPONSES,
             },
             "post": {
                 "summary": "The same, with the fields in a form or JSON body",
                 "operationId": "generatePost",
+                "parameters": [IDEMPOTENCY_HEADER],
                 "requestBody": generation_body,
                 "security": guarded,
-                "responses": {**TASK_RESPONSES, "429": error_response("Over RATE_LIMIT", RETRY_AFTER)},
+                "responses": GENERATION_RESPONSES,
             },
         },
         "/nanobanana/tasks/{task_id}": {
             "get": {
-                "summary": "A task made through this service: its picture, or still pending",
+                "summary": "A task made through this service, by its task_id or its upstream_task_id",
                 "operationId": "task",
                 "parameters": [
                     {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}},
@@ -313,7 +355,10 @@ def document(server_url: str, tokens_required: bool) -> dict:
             "post": {
                 "summary": "For the upstream: a task has ended",
                 "operationId": "callback",
-                "parameters": [{"name": "secret", "in": "query", "schema": STRING}],
+                "parameters": [
+                    {"name": "task", "in": "query", "schema": STRING},
+                    {"name": "secret", "in": "query", "schema": STRING},
+                ],
                 "requestBody": {"required": True, "content": {JSON: {"schema": ref("Callback")}}},
                 "security": [],
                 "responses": {

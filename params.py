@@ -28,6 +28,7 @@ ASPECT_RATIOS = {
 MAX_IMAGES = {"nano-banana": 10, "nano-banana-pro": 8, "nano-banana-2": 14}
 MAX_PROMPT = {"nano-banana": 5000, "nano-banana-pro": 5000, "nano-banana-2": 20000}
 MAX_USER_ID = 128
+MAX_IDEMPOTENCY_KEY = 255
 MAX_NUM_IMAGES = 4
 IMAGE_URL_NAMES = ("image_url", "image", "imageUrl", "image_urls")
 USER_ID_NAMES = ("user_id", "user", "userId")
@@ -49,6 +50,7 @@ class GenerationRequest:
     user_id: str | None
     reset: bool
     wait: float
+    idempotency_key: str | None = None
 
 
 def parse_format(values: Values) -> str:
@@ -67,7 +69,7 @@ def parse_user_id(values: Values) -> str | None:
     return user_id or None
 
 
-def parse_generation(values: Values, polling_window: float) -> GenerationRequest:
+def parse_generation(values: Values, polling_window: float, idempotency_header: str | None = None) -> GenerationRequest:
     """Check every generation parameter and gather them into one request."""
     model = _model(values)
     generation = Generation(
@@ -83,6 +85,7 @@ def parse_generation(values: Values, polling_window: float) -> GenerationRequest
         user_id=parse_user_id(values),
         reset=_flag(values, "reset"),
         wait=_wait(values, polling_window),
+        idempotency_key=_idempotency_key(values, idempotency_header),
     )
 
 
@@ -194,6 +197,19 @@ def _wait(values: Values, polling_window: float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidParameter(f"wait must be a number of seconds from 0 to {polling_window:g}.")
     return min(seconds, polling_window)
+
+
+def _idempotency_key(values: Values, header: str | None) -> str | None:
+    """The Idempotency-Key header, else the idempotency_key parameter; 1 to 255 characters."""
+    key = header if header is not None else _first(values, "idempotency_key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidParameter(
+            f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, like a random id made once per picture."
+        )
+    return key
 
 
 def _quote(text: str, limit: int = 80) -> str:

@@ -1,51 +1,68 @@
-"""Where the service keeps users' last images and the tasks it created.
+"""What every store keeps, and the interface both stores implement.
 
-`MemoryStore` keeps them in this process; `RedisStore` keeps them in Redis, shared by every
-worker and instance. The store knows nothing of HTTP or of the upstream's wire format.
+The store holds the ledger of generations (one `TaskRecord` each, recorded before anything is
+spent), users' remembered pictures, idempotency keys, and who follows which pending task.
+`SqliteStore` (store_sqlite.py, the default, one process) and `RedisStore` (store_redis.py, several
+workers and instances) keep the same things by the same rules, and pass the same tests.
+The store knows nothing of HTTP or of the upstream's wire format.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
-import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
-
-TASK_TTL = 24 * 3600
-MAX_TASKS = 100_000
+TASK_TTL = 24 * 3600  # how long the ledger keeps a task
+IDEMPOTENCY_TTL = 24 * 3600
+# A follower (a process) that has not renewed its lease for this long is gone, and its tasks are
+# taken over. Recording a task counts as a renewal for a follower the store does not know yet.
+FOLLOWER_LEASE = 10.0
 
 
 class StoreUnavailable(Exception):
-    """The shared store cannot be reached right now."""
+    """The store cannot be reached right now."""
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key was used before with other parameters."""
 
 
 @dataclass(frozen=True)
 class TaskRecord:
-    """A task this service created, and what became of it."""
+    """One generation in the ledger: what was asked, who follows it, and what became of it.
 
-    task_id: str
-    key_number: int
+    `state` is pending, success, failed, or unconfirmed: the submission's answer was lost, so
+    nobody knows whether the upstream made the picture; a late success may still end it.
+    """
+
+    task_id: str  # the service's own id, given before the upstream is called
+    owner: str  # the access token's scope ("" without tokens): only its holder sees the task
+    conversation: str | None  # the history key: the user id within the owner's scope
     user_id: str | None  # as the caller named it
     mode: str
     source_image_urls: tuple[str, ...]
     used_previous_image: bool
     created_at: float
     callback_secret: str | None = None  # carried in the callback URL; only the upstream knows it
-    owner: str = ""  # the access token's scope ("" without tokens): only its holder sees the task
-    conversation: str | None = None  # the history key: the user id within the owner's scope
-    sequence: int = 0  # order of submission, given by the store
+    follower: str = ""  # the process that follows the task to its end
+    sequence: int = 0  # order of recording, given by the store
+    upstream_task_id: str | None = None
+    key_id: str | None = None  # which API key made it (a fingerprint, never the key)
+    submitted_at: float | None = None
     state: str = "pending"
     image_urls: tuple[str, ...] = ()
+    error_code: str | None = None
     error_message: str | None = None
     completed_at: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Its end is known for sure: success or failed."""
+        return self.state in ("success", "failed")
 
 
 @dataclass(frozen=True)
@@ -54,23 +71,69 @@ class Remembered:
     updated_at: float
 
 
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A caller's idempotency key, scoped to its access token, and the request it stands for."""
+
+    scope: str  # a digest of the owner and the key
+    fingerprint: str  # a digest of the request's parameters
+
+
 class Store(Protocol):
     name: str
 
+    # -- conversations
     def remembered_image(self, conversation: str) -> Remembered | None: ...
     def forget(self, conversation: str) -> None: ...
-    def add_task(self, record: TaskRecord) -> TaskRecord: ...
-    def task(self, task_id: str) -> TaskRecord | None: ...
-    def complete_task(
-        self, task_id: str, state: str, image_urls: tuple[str, ...], error_message: str | None
-    ) -> TaskRecord | None: ...
-    def claim_poll(self, task_id: str, interval: float) -> bool: ...
+
+    # -- the ledger
+    def record_task(self, record: TaskRecord, key: IdempotencyKey | None = None) -> tuple[TaskRecord, bool]:
+        """Record a new task (True), or return the task an earlier request with this key made (False).
+
+        A follower the store does not know yet gets a lease of FOLLOWER_LEASE seconds with it.
+        """
+
+    def keyed_task(self, key: IdempotencyKey) -> TaskRecord | None:
+        """The task an earlier request with this key made; IdempotencyConflict if it asked for something else."""
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        """A task by the service's id or by the upstream's."""
+
+    def submitted(self, task_id: str, upstream_task_id: str, key_id: str, submitted_at: float) -> None: ...
+
+    def complete_task(self, record: TaskRecord) -> TaskRecord:
+        """Record a task's end (written whole, so a record lost with the store comes back), once.
+
+        A success becomes the user's picture unless a task recorded later already gave one.
+        An unconfirmed task may still end; a settled one never changes.
+        """
+
+    def release_key(self, key: IdempotencyKey, task_id: str) -> None:
+        """Let the key be used again: its task was refused before anything was made."""
+
+    def claim_poll(self, task_id: str, interval: float) -> bool:
+        """True at most once per `interval` seconds for a task: whoever gets it may ask the upstream."""
+
+    # -- followers
+    def heartbeat(self, follower: str, alive_until: float) -> None:
+        """Renew the lease on every task this follower follows."""
+
+    def take_over(self, follower: str, now: float, limit: int) -> list[TaskRecord]:
+        """Pending tasks whose follower's lease ran out, now followed by `follower`."""
+
+    def retire(self, follower: str) -> None:
+        """End this follower's lease at once, so others take over its tasks without waiting."""
+
+    # -- wake-ups, health, housekeeping
     def listen(self, task_id: str) -> AbstractContextManager[threading.Event]: ...
     def notify(self, task_id: str) -> None: ...
+    def ping(self) -> bool: ...
+    def purge(self, now: float) -> None: ...
+    def close(self) -> None: ...
 
 
 class Waiters:
-    """Requests in this process waiting for a task; `wake` sets their events."""
+    """Threads (greenlets) in this process waiting for a task; `wake` sets their events."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -97,297 +160,46 @@ class Waiters:
             event.set()
 
 
-@dataclass(frozen=True)
-class _HistoryEntry:
-    image_url: str | None  # None after the user asked to forget: the sequence still bars older results
-    sequence: int
-    updated_at: float
+# -- a task record as flat fields, for both stores --------------------------------------
+
+TASK_FIELDS = tuple(field.name for field in fields(TaskRecord))
+_TUPLES = {"source_image_urls", "image_urls"}
+_FLOATS = {"created_at", "submitted_at", "completed_at"}
 
 
-class MemoryStore:
-    """Thread-safe, bounded in-memory store for one process."""
-
-    name = "memory"
-
-    def __init__(self, history_ttl: float, max_users: int, clock: Callable[[], float] = time.time):
-        self.history_ttl = history_ttl
-        self.max_users = max_users
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._history: OrderedDict[str, _HistoryEntry] = OrderedDict()
-        self._tasks: OrderedDict[str, TaskRecord] = OrderedDict()
-        self._last_poll: dict[str, float] = {}
-        self._sequence = 0
-        self._waiters = Waiters()
-
-    def remembered_image(self, user_id: str) -> Remembered | None:
-        """The user's last image, unless it expired or was forgotten."""
-        with self._lock:
-            entry = self._live_entry(user_id)
-            if entry is None or entry.image_url is None:
-                return None
-            return Remembered(entry.image_url, entry.updated_at)
-
-    def forget(self, user_id: str) -> None:
-        """Forget the user's image; results of tasks submitted before now stay forgotten too."""
-        with self._lock:
-            self._remember(user_id, _HistoryEntry(None, self._sequence, self.clock()))
-
-    def add_task(self, record: TaskRecord) -> TaskRecord:
-        """Record a new task, giving it the next sequence number."""
-        with self._lock:
-            self._drop_old_tasks()
-            self._sequence += 1
-            record = replace(record, sequence=self._sequence)
-            self._tasks[record.task_id] = record
-            return record
-
-    def task(self, task_id: str) -> TaskRecord | None:
-        with self._lock:
-            return self._tasks.get(task_id)
-
-    def complete_task(
-        self, task_id: str, state: str, image_urls: tuple[str, ...] = (), error_message: str | None = None
-    ) -> TaskRecord | None:
-        """Record a task's end once; a success becomes the user's image unless a later task's already did."""
-        with self._lock:
-            record = self._tasks.get(task_id)
-            if record is None or record.state != "pending":
-                return record
-            record = replace(
-                record, state=state, image_urls=image_urls, error_message=error_message, completed_at=self.clock()
-            )
-            self._tasks[task_id] = record
-            if state == "success" and record.conversation is not None:
-                entry = self._live_entry(record.conversation)
-                if entry is None or entry.sequence < record.sequence:
-                    self._remember(record.conversation, _HistoryEntry(image_urls[0], record.sequence, self.clock()))
-            return record
-
-    def claim_poll(self, task_id: str, interval: float) -> bool:
-        """True at most once per `interval` seconds for a task: whoever gets it may ask the upstream."""
-        with self._lock:
-            now = self.clock()
-            if now - self._last_poll.get(task_id, float("-inf")) < interval:
-                return False
-            self._last_poll[task_id] = now
-            return True
-
-    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]:
-        """An event set when `notify(task_id)` is called, while the block runs."""
-        return self._waiters.listen(task_id)
-
-    def notify(self, task_id: str) -> None:
-        """Wake whoever waits for this task (a callback completed it)."""
-        self._waiters.wake(task_id)
-
-    def _live_entry(self, user_id: str) -> _HistoryEntry | None:
-        entry = self._history.get(user_id)
-        if entry is None:
-            return None
-        if self.clock() - entry.updated_at >= self.history_ttl:
-            del self._history[user_id]
-            return None
-        self._history.move_to_end(user_id)
-        return entry
-
-    def _remember(self, user_id: str, entry: _HistoryEntry) -> None:
-        self._history[user_id] = entry
-        self._history.move_to_end(user_id)
-        while len(self._history) > self.max_users:
-            self._history.popitem(last=False)
-
-    def _drop_old_tasks(self) -> None:
-        # Tasks are kept in submission order, so the oldest are always at the front.
-        cutoff = self.clock() - TASK_TTL
-        while self._tasks:
-            oldest = next(iter(self._tasks.values()))
-            if oldest.created_at > cutoff and len(self._tasks) < MAX_TASKS:
-                break
-            self._tasks.popitem(last=False)
-            self._last_poll.pop(oldest.task_id, None)
+def task_fields(record: TaskRecord) -> dict[str, Any]:
+    """The record as column values: tuples as JSON, booleans as 0/1, None kept."""
+    values: dict[str, Any] = {}
+    for name in TASK_FIELDS:
+        value = getattr(record, name)
+        if name in _TUPLES:
+            value = json.dumps(list(value))
+        elif isinstance(value, bool):
+            value = int(value)
+        values[name] = value
+    return values
 
 
-class RedisStore:
-    """The same store in Redis: every worker and instance sees the same users and tasks.
-
-    Completing a task and forgetting a user are Lua scripts, so the ordering rule holds
-    even when two processes race.
-    """
-
-    name = "redis"
-
-    # KEYS: task; ARGV: state, image_urls (JSON), error_message, completed_at, first image, history TTL, user prefix
-    _COMPLETE = """
-    if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
-    redis.call('HSET', KEYS[1], 'state', ARGV[1], 'image_urls', ARGV[2], 'error_message', ARGV[3],
-               'completed_at', ARGV[4])
-    local user = redis.call('HGET', KEYS[1], 'conversation')
-    if ARGV[1] == 'success' and user and user ~= '' then
-        local sequence = tonumber(redis.call('HGET', KEYS[1], 'sequence'))
-        local user_key = ARGV[7] .. user
-        local current = tonumber(redis.call('HGET', user_key, 'sequence')) or -1
-        if current < sequence then
-            redis.call('HSET', user_key, 'image_url', ARGV[5], 'sequence', sequence, 'updated_at', ARGV[4])
-            redis.call('EXPIRE', user_key, ARGV[6])
-        end
-    end
-    return 1
-    """
-    # KEYS: user, sequence counter; ARGV: now, history TTL
-    _FORGET = """
-    local sequence = tonumber(redis.call('GET', KEYS[2])) or 0
-    redis.call('HSET', KEYS[1], 'image_url', '', 'sequence', sequence, 'updated_at', ARGV[1])
-    redis.call('EXPIRE', KEYS[1], ARGV[2])
-    """
-
-    def __init__(self, url: str, history_ttl: int, prefix: str = "nanobanana:", clock: Callable[[], float] = time.time):
-        self.history_ttl = history_ttl
-        self.prefix = prefix
-        self.clock = clock
-        self.redis = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=2,
-            socket_timeout=2,
-            health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        )
-        self._complete = self.redis.register_script(self._COMPLETE)
-        self._forget = self.redis.register_script(self._FORGET)
-        self._waiters = Waiters()
-        self._subscriber: threading.Thread | None = None
-        self._subscriber_lock = threading.Lock()
-        self._closed = threading.Event()
-
-    def remembered_image(self, user_id: str) -> Remembered | None:
-        entry = self._call(self.redis.hgetall, self._user_key(user_id))
-        if not entry.get("image_url"):
-            return None
-        return Remembered(entry["image_url"], float(entry["updated_at"]))
-
-    def forget(self, user_id: str) -> None:
-        self._call(
-            self._forget, keys=[self._user_key(user_id), self._sequence_key], args=[self.clock(), self.history_ttl]
-        )
-
-    def add_task(self, record: TaskRecord) -> TaskRecord:
-        record = replace(record, sequence=self._call(self.redis.incr, self._sequence_key))
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self._task_key(record.task_id), mapping=_task_fields(record))
-            pipe.expire(self._task_key(record.task_id), TASK_TTL)
-            self._call(pipe.execute)
-        return record
-
-    def task(self, task_id: str) -> TaskRecord | None:
-        fields = self._call(self.redis.hgetall, self._task_key(task_id))
-        return _task_record(fields) if fields else None
-
-    def complete_task(
-        self, task_id: str, state: str, image_urls: tuple[str, ...] = (), error_message: str | None = None
-    ) -> TaskRecord | None:
-        args = [state, json.dumps(list(image_urls)), error_message or "", self.clock()]
-        args += [image_urls[0] if image_urls else "", self.history_ttl, self.prefix + "user:"]
-        self._call(self._complete, keys=[self._task_key(task_id)], args=args)
-        return self.task(task_id)
-
-    def claim_poll(self, task_id: str, interval: float) -> bool:
-        key = self.prefix + "polled:" + task_id
-        return bool(self._call(self.redis.set, key, 1, px=max(1, int(interval * 1000)), nx=True))
-
-    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]:
-        """An event set when any process calls `notify(task_id)`, while the block runs."""
-        self._start_subscriber()
-        return self._waiters.listen(task_id)
-
-    def notify(self, task_id: str) -> None:
-        """Wake whoever waits for this task, in every worker and instance (Redis pub/sub)."""
-        self._call(self.redis.publish, self._wake_channel, task_id)
-
-    def close(self) -> None:
-        self._closed.set()
-        if self._subscriber:
-            self._subscriber.join(timeout=5)
-        self.redis.close()
-
-    def _start_subscriber(self) -> None:
-        with self._subscriber_lock:
-            if self._subscriber is None:
-                self._subscriber = threading.Thread(target=self._relay_wakes, name="redis-wakes", daemon=True)
-                self._subscriber.start()
-
-    def _relay_wakes(self) -> None:
-        """Listen on the wake channel for the life of the process, reconnecting when Redis comes back."""
-        while not self._closed.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self._wake_channel)
-                while not self._closed.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message:
-                        self._waiters.wake(message["data"])
-            except (redis.ConnectionError, redis.TimeoutError):
-                self._closed.wait(1.0)  # fallback polling covers the gap
-            finally:
-                pubsub.close()
-
-    @property
-    def _wake_channel(self) -> str:
-        return self.prefix + "wake"
-
-    @property
-    def _sequence_key(self) -> str:
-        return self.prefix + "sequence"
-
-    def _user_key(self, user_id: str) -> str:
-        return self.prefix + "user:" + user_id
-
-    def _task_key(self, task_id: str) -> str:
-        return self.prefix + "task:" + task_id
-
-    @staticmethod
-    def _call(function, *args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise StoreUnavailable(str(error)) from None
-
-
-def _task_fields(record: TaskRecord) -> dict[str, str | int | float]:
-    return {
-        "task_id": record.task_id,
-        "key_number": record.key_number,
-        "user_id": record.user_id or "",
-        "mode": record.mode,
-        "source_image_urls": json.dumps(list(record.source_image_urls)),
-        "used_previous_image": int(record.used_previous_image),
-        "callback_secret": record.callback_secret or "",
-        "owner": record.owner,
-        "conversation": record.conversation or "",
-        "created_at": record.created_at,
-        "sequence": record.sequence,
-        "state": record.state,
-        "image_urls": json.dumps(list(record.image_urls)),
-        "error_message": record.error_message or "",
-        "completed_at": record.completed_at or "",
-    }
-
-
-def _task_record(fields: dict[str, str]) -> TaskRecord:
-    return TaskRecord(
-        task_id=fields["task_id"],
-        key_number=int(fields["key_number"]),
-        user_id=fields["user_id"] or None,
-        mode=fields["mode"],
-        source_image_urls=tuple(json.loads(fields["source_image_urls"])),
-        used_previous_image=fields["used_previous_image"] == "1",
-        callback_secret=fields["callback_secret"] or None,
-        owner=fields["owner"],
-        conversation=fields["conversation"] or None,
-        created_at=float(fields["created_at"]),
-        sequence=int(fields["sequence"]),
-        state=fields["state"],
-        image_urls=tuple(json.loads(fields["image_urls"])),
-        error_message=fields["error_message"] or None,
-        completed_at=float(fields["completed_at"]) if fields["completed_at"] else None,
-    )
+def task_record(values: Mapping[str, Any]) -> TaskRecord:
+    """The record back from column values (Redis gives strings, and "" for None)."""
+    decoded: dict[str, Any] = {}
+    for name in TASK_FIELDS:
+        value = values.get(name)
+        if value is None or value == "":
+            value = None
+        elif name in _TUPLES:
+            value = tuple(json.loads(value))
+        elif name in _FLOATS:
+            value = float(value)
+        elif name == "sequence":
+            value = int(value)
+        elif name == "used_previous_image":
+            value = str(value) == "1"
+        decoded[name] = value
+    decoded["source_image_urls"] = decoded["source_image_urls"] or ()
+    decoded["image_urls"] = decoded["image_urls"] or ()
+    decoded["owner"] = decoded["owner"] or ""
+    decoded["follower"] = decoded["follower"] or ""
+    decoded["sequence"] = decoded["sequence"] or 0
+    decoded["used_previous_image"] = bool(decoded["used_previous_image"])
+    return TaskRecord(**decoded)

@@ -87,13 +87,20 @@ def mocked():
 @pytest.fixture
 def settings() -> Settings:
     return Settings(
-        api_keys=KEYS, api_base=UPSTREAM, poll_interval=0.05, poll_max_attempts=30, submit_retry_backoff=0.01
+        api_keys=KEYS,
+        api_base=UPSTREAM,
+        poll_interval=0.05,
+        poll_max_attempts=30,
+        submit_retry_backoff=0.01,
+        database_path=":memory:",
     )
 
 
 @pytest.fixture
 def app(settings, session):
-    return create_app(settings, session=session)
+    app = create_app(settings, session=session)
+    yield app
+    app.extensions["lifecycle"].stop()
 
 
 @pytest.fixture

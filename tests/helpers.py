@@ -113,6 +113,7 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
+        env["DATABASE_PATH"] = str(log_path.with_suffix(".sqlite3"))  # each service its own, unless told
         env.update(environ, PORT=str(self.port), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

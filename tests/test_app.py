@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from app import create_app
@@ -28,12 +30,12 @@ def test_text_to_image_answers_with_the_picture(client, emulated):
     body = answer.json
     assert body["status"] == "success"
     assert body["mode"] == "text-to-image"
-    assert body["image_url"].startswith(f"{UPSTREAM}/files/{body['task_id']}/")
+    assert body["image_url"].startswith(f"{UPSTREAM}/files/{body['upstream_task_id']}/")
     assert body["image_urls"] == [body["image_url"]]
     assert body["source_image_urls"] == [] and body["used_previous_image"] is False
     assert body["user_id"] == "alice"
     assert isinstance(body["elapsed_seconds"], float)
-    assert sent_params(emulated, body["task_id"])["type"] == "TEXTTOIAMGE"
+    assert sent_params(emulated, body["upstream_task_id"])["type"] == "TEXTTOIAMGE"
 
 
 def test_edit_uses_previous_result(client, emulated):
@@ -42,7 +44,7 @@ def test_edit_uses_previous_result(client, emulated):
     assert second["mode"] == "image-to-image"
     assert second["used_previous_image"] is True
     assert second["source_image_urls"] == [first["image_url"]]
-    assert sent_params(emulated, second["task_id"])["imageUrls"] == [first["image_url"]]
+    assert sent_params(emulated, second["upstream_task_id"])["imageUrls"] == [first["image_url"]]
     assert client.get("/nanobanana/history/alice").json["last_image_url"] == second["image_url"]
 
 
@@ -64,7 +66,7 @@ def test_explicit_image_wins_over_the_remembered_one(client, emulated, name):
     ).json
     assert body["used_previous_image"] is False
     assert body["source_image_urls"] == ["https://x.test/a.png", "https://x.test/b.png"]
-    assert sent_params(emulated, body["task_id"])["imageUrls"] == body["source_image_urls"]
+    assert sent_params(emulated, body["upstream_task_id"])["imageUrls"] == body["source_image_urls"]
 
 
 def test_repeated_image_parameter(client):
@@ -106,7 +108,7 @@ def test_post_form_and_json_take_the_same_fields(client):
 def test_other_models_use_their_endpoint(client, emulated, model, path, extra):
     body = generate(client, prompt="a cat", model=model, **extra).json
     assert body["status"] == "success"
-    assert emulated.tasks[body["task_id"]].endpoint == path.rsplit("/", 1)[1]
+    assert emulated.tasks[body["upstream_task_id"]].endpoint == path.rsplit("/", 1)[1]
 
 
 def test_long_prompt_is_fine_for_model_2(client):
@@ -167,11 +169,12 @@ def test_status_url_honours_the_proxy(client):
     assert answer.json["status_url"].startswith("https://banana.example.com/nanobanana/tasks/")
 
 
-def test_task_status_asks_upstream_at_most_once_per_interval(client, emulated):
-    task_id = generate(client, prompt="[delay=5] a cat", wait="0").json["task_id"]
+def test_task_status_asks_upstream_at_most_once_per_interval(settings, session, emulated):
+    client = create_app(replace(settings, poll_interval=1.0), session=session).test_client()
+    pending = generate(client, prompt="[delay=5] a cat", wait="0.3").json  # submitted; first poll due at 1 s
     for _ in range(5):
-        assert client.get(f"/nanobanana/tasks/{task_id}").status_code == 202
-    assert emulated.polls_of(task_id) <= 2  # one for the burst, maybe one from the background follower
+        assert client.get(f"/nanobanana/tasks/{pending['task_id']}").status_code == 202
+    assert emulated.polls_of(pending["upstream_task_id"]) == 1
 
 
 def test_failed_task_status_is_502(client):
@@ -218,11 +221,13 @@ def test_credits_by_key_number_never_the_key(client, emulated):
 
 
 def test_healthz(client):
-    assert client.get("/healthz").json == {"status": "ok", "configured": True, "api_keys": 2, "store": "memory"}
+    assert client.get("/healthz").json == {"status": "ok", "configured": True, "api_keys": 2, "store": "sqlite"}
 
 
 def test_without_keys_generation_is_not_configured(session):
-    client = create_app(Settings(api_keys=(), api_base=UPSTREAM, poll_interval=0.05), session=session).test_client()
+    client = create_app(
+        Settings(api_keys=(), api_base=UPSTREAM, poll_interval=0.05, database_path=":memory:"), session=session
+    ).test_client()
     assert client.get("/healthz").json["configured"] is False
     answer = generate(client, prompt="a cat")
     assert answer.status_code == 503
@@ -236,7 +241,7 @@ def test_key_out_of_credits_is_rotated_to_the_next(client, emulated):
     emulated.keys["key-one"] = 0
     body = generate(client, prompt="a cat").json
     assert body["status"] == "success"
-    assert emulated.tasks[body["task_id"]].key == "key-two"
+    assert emulated.tasks[body["upstream_task_id"]].key == "key-two"
     assert client.get("/nanobanana/credits").json["keys"][0]["usable"] is False
 
 

@@ -49,22 +49,23 @@ def test_callback_delivers_the_picture_without_status_polls(service, upstream):
     answer = generate(service, prompt="a cat", user_id="quick")
     assert answer.status_code == 200
     body = answer.json()
-    assert upstream.polls_of(body["task_id"]) == 0
+    assert upstream.polls_of(body["upstream_task_id"]) == 0
     assert body["elapsed_seconds"] < 0.9  # generation takes 0.3 s; the first fallback poll would come at 1 s
     assert history(service, "quick") == body["image_url"]
 
 
 def test_callback_url_carries_a_per_task_secret(service, upstream):
-    task_id = generate(service, prompt="a cat").json()["task_id"]
-    callback_url = upstream.tasks[task_id].params["callBackUrl"]
-    assert callback_url.startswith(f"{service.url}/nanobanana/callback?secret=")
-    other = upstream.tasks[generate(service, prompt="a dog").json()["task_id"]].params["callBackUrl"]
-    assert other != callback_url
+    cat = generate(service, prompt="a cat").json()
+    callback_url = upstream.tasks[cat["upstream_task_id"]].params["callBackUrl"]
+    assert callback_url.startswith(f"{service.url}/nanobanana/callback?task={cat['task_id']}&secret=")
+    dog = generate(service, prompt="a dog").json()
+    other = upstream.tasks[dog["upstream_task_id"]].params["callBackUrl"]
+    assert other.split("secret=")[1] != callback_url.split("secret=")[1]
 
 
 def test_repeated_callback_changes_nothing(service, upstream):
     body = generate(service, prompt="[callback=twice] a cat", user_id="twice").json()
-    assert upstream.polls_of(body["task_id"]) == 0
+    assert upstream.polls_of(body["upstream_task_id"]) == 0
     edit = generate(service, prompt="make it blue", user_id="twice").json()
     assert edit["source_image_urls"] == [body["image_url"]]
     assert history(service, "twice") == edit["image_url"]
@@ -73,14 +74,14 @@ def test_repeated_callback_changes_nothing(service, upstream):
 def test_lost_callback_is_recovered_by_polling(service, upstream):
     body = generate(service, prompt="[callback=never] a cat", user_id="lost").json()
     assert body["status"] == "success"
-    assert upstream.polls_of(body["task_id"]) == 1  # the first fallback poll found it
+    assert upstream.polls_of(body["upstream_task_id"]) == 1  # the first fallback poll found it
     assert history(service, "lost") == body["image_url"]
 
 
 def test_failure_reported_by_callback(service, upstream):
     answer = generate(service, prompt="[fail] a cat", user_id="sad")
     assert answer.status_code == 502 and answer.json()["error"]["code"] == "generation_failed"
-    assert upstream.polls_of(answer.json()["task_id"]) == 0
+    assert upstream.polls_of(answer.json()["upstream_task_id"]) == 0
     assert history(service, "sad") is None
 
 
@@ -126,7 +127,7 @@ def test_callback_reaches_a_request_waiting_in_another_instance(upstream, redis_
     try:
         body = generate(waiting, prompt="a cat", user_id="roamer").json()
         assert body["status"] == "success"
-        assert upstream.polls_of(body["task_id"]) == 0
+        assert upstream.polls_of(body["upstream_task_id"]) == 0
         assert history(receiving, "roamer") == body["image_url"]
     finally:
         waiting.stop()

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import requests
+import responses
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
+    MAX_POLL_GAP,
     Generation,
     NanoBananaClient,
     NanoBananaError,
@@ -307,21 +309,38 @@ def test_failed_polls_count_and_polling_goes_on(client, mocked, fake_time):
     assert len(upstream_calls(mocked)) == 3
 
 
-def test_wait_gives_up_after_max_attempts(client, mocked, fake_time):
-    mocked.get(RECORD_INFO, json=record(0))
+def answered_pending(mocked, fake_time) -> list[float]:
+    """Every status poll answers "still generating"; the returned list fills with the moments they came."""
+    moments: list[float] = []
+
+    def still_generating(request):
+        moments.append(fake_time.now)
+        return 200, {}, json.dumps(record(0))
+
+    mocked.add_callback(responses.GET, RECORD_INFO, callback=still_generating)
+    return moments
+
+
+def test_past_the_window_polls_come_further_and_further_apart(client, mocked, fake_time):
+    moments = answered_pending(mocked, fake_time)
     task = Task("task-1", 1, fake_time.now)
     assert client.wait(task, timeout=600).state == "pending"
-    assert len(upstream_calls(mocked)) == 5
-    assert fake_time.now - task.submitted_at == pytest.approx(10.0)
+    # five polls two seconds apart (the window), then gaps of 4, 8, 16, ... seconds
+    assert [m - task.submitted_at for m in moments] == [2, 4, 6, 8, 10, 14, 22, 38, 70, 134, 262, 518]
+
+
+def test_gaps_between_polls_stop_growing_at_ten_minutes(client):
+    task = Task("task-1", 1, 0.0)
+    assert client.poll_time(task, 30) - client.poll_time(task, 29) == MAX_POLL_GAP == 600
 
 
 def test_shorter_wait_polls_less_and_a_later_wait_goes_on_with_the_schedule(client, mocked, fake_time):
-    mocked.get(RECORD_INFO, json=record(0))
+    moments = answered_pending(mocked, fake_time)
     task = Task("task-1", 1, fake_time.now)
     assert client.wait(task, timeout=4.5).state == "pending"
-    assert len(upstream_calls(mocked)) == 2
-    client.wait(task, timeout=600)
-    assert len(upstream_calls(mocked)) == 5  # never more than poll_max_attempts in the task's life
+    assert [m - task.submitted_at for m in moments] == [2, 4]
+    client.wait(task, timeout=30)
+    assert [m - task.submitted_at for m in moments] == [2, 4, 6, 8, 10, 14, 22]
 
 
 def test_wait_zero_does_not_poll(client, mocked, fake_time):

@@ -83,7 +83,7 @@ def test_a_hung_upstream_does_not_hold_the_request_past_its_wait(service):
 
 def test_key_without_credits_is_rotated_to_the_next(service, upstream):
     body = generate(service, prompt="a tree").json()
-    assert upstream.tasks[body["task_id"]].key == GOOD_KEY
+    assert upstream.tasks[body["upstream_task_id"]].key == GOOD_KEY
     keys = service.get("/nanobanana/credits").json()["keys"]
     assert keys == [
         {"key": 1, "credits": 0, "usable": False},

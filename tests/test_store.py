@@ -1,13 +1,16 @@
-"""The in-memory store: history ordering, forgetting, bounds."""
+"""The stores: the same rules on SQLite and on a real Redis (conversations, the ledger, idempotency, followers)."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from dataclasses import replace
 
 import pytest
 
-from store import TASK_TTL, MemoryStore, RedisStore, Store, StoreUnavailable, TaskRecord
+from store import FOLLOWER_LEASE, IdempotencyConflict, IdempotencyKey, Store, StoreUnavailable, TaskRecord
+from store_redis import RedisStore
+from store_sqlite import SCHEMA_VERSION, SqliteStore, open_database
 from tests.helpers import wait_until
 
 
@@ -25,27 +28,51 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def memory_store(clock) -> MemoryStore:
-    return MemoryStore(history_ttl=3600, max_users=3, clock=clock)
+def sqlite_store(clock, tmp_path) -> SqliteStore:
+    store = SqliteStore(str(tmp_path / "store.sqlite3"), history_ttl=3600, max_users=3, clock=clock)
+    yield store
+    store.close()
 
 
 @pytest.fixture
-def redis_store(redis_server):
-    store = RedisStore(redis_server.url, history_ttl=3600)
+def redis_store(redis_server, clock):
+    store = RedisStore(redis_server.url, history_ttl=3600, clock=clock)
     store.redis.flushdb()
     yield store
     store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["sqlite", "redis"])
 def store(request) -> Store:
     """The behaviour every store shares, checked on each of them."""
     return request.getfixturevalue(f"{request.param}_store")
 
 
-def new_task(store: Store, task_id: str, user_id: str | None = "alice") -> TaskRecord:
-    record = TaskRecord(task_id, 2, user_id, "image-to-image", ("https://x.test/src.png",), True, store.clock())
-    return store.add_task(replace(record, conversation=user_id, owner="scope"))
+def new_task(store: Store, task_id: str, user_id: str | None = "alice", follower: str = "worker-a") -> TaskRecord:
+    record, created = store.record_task(draft(store, task_id, user_id, follower))
+    assert created
+    return record
+
+
+def draft(store: Store, task_id: str, user_id: str | None = "alice", follower: str = "worker-a") -> TaskRecord:
+    return TaskRecord(
+        task_id=task_id,
+        owner="scope",
+        conversation=user_id,
+        user_id=user_id,
+        mode="image-to-image",
+        source_image_urls=("https://x.test/src.png",),
+        used_previous_image=True,
+        created_at=store.clock(),
+        follower=follower,
+    )
+
+
+def complete(store: Store, task_id: str, state: str = "success", *urls: str, message: str | None = None):
+    record = store.task(task_id)
+    code = None if state == "success" else "generation_failed"
+    ended = replace(record, state=state, image_urls=urls, error_code=code, error_message=message, completed_at=1.0)
+    return store.complete_task(ended)
 
 
 def image(store: Store, user_id: str = "alice") -> str | None:
@@ -53,89 +80,57 @@ def image(store: Store, user_id: str = "alice") -> str | None:
     return remembered.image_url if remembered else None
 
 
+# -- conversations and the ordering rule -------------------------------------------------------
+
+
 def test_success_becomes_the_users_image(store):
     new_task(store, "t1")
-    store.complete_task("t1", "success", ("https://f.test/1.png", "https://f.test/2.png"))
+    complete(store, "t1", "success", "https://f.test/1.png", "https://f.test/2.png")
     assert image(store) == "https://f.test/1.png"
 
 
 def test_failure_and_pending_leave_the_image_alone(store):
     new_task(store, "t1")
-    store.complete_task("t1", "success", ("https://f.test/1.png",))
+    complete(store, "t1", "success", "https://f.test/1.png")
     new_task(store, "t2")
     new_task(store, "t3")
-    store.complete_task("t2", "failed", error_message="no")
+    complete(store, "t2", "failed", message="no")
     assert image(store) == "https://f.test/1.png"
 
 
 def test_late_result_never_replaces_a_later_tasks_result(store):
     new_task(store, "early")
     new_task(store, "later")
-    store.complete_task("later", "success", ("https://f.test/later.png",))
-    store.complete_task("early", "success", ("https://f.test/early.png",))
+    complete(store, "later", "success", "https://f.test/later.png")
+    complete(store, "early", "success", "https://f.test/early.png")
     assert image(store) == "https://f.test/later.png"
     assert store.task("early").image_urls == ("https://f.test/early.png",)
 
 
-def test_late_result_updates_the_image_when_nothing_newer_came(store):
+def test_a_task_settles_once(store):
     new_task(store, "t1")
-    store.complete_task("t1", "success", ("https://f.test/1.png",))
-    new_task(store, "t2")
-    store.complete_task("t2", "success", ("https://f.test/2.png",))
-    assert image(store) == "https://f.test/2.png"
-
-
-def test_a_task_completes_once(store):
-    new_task(store, "t1")
-    store.complete_task("t1", "success", ("https://f.test/1.png",))
-    again = store.complete_task("t1", "success", ("https://f.test/forged.png",))
+    complete(store, "t1", "success", "https://f.test/1.png")
+    again = complete(store, "t1", "success", "https://f.test/forged.png")
     assert again.image_urls == ("https://f.test/1.png",)
     assert image(store) == "https://f.test/1.png"
 
 
-def test_forget_also_bars_results_of_tasks_submitted_before(store):
+def test_an_unconfirmed_task_may_still_succeed(store):
+    new_task(store, "t1")
+    unconfirmed = replace(store.task("t1"), state="unconfirmed", error_code="upstream_error", error_message="?")
+    assert store.complete_task(unconfirmed).state == "unconfirmed"
+    assert complete(store, "t1", "success", "https://f.test/late.png").state == "success"
+    assert image(store) == "https://f.test/late.png"
+
+
+def test_forget_also_bars_results_of_tasks_recorded_before(store):
     new_task(store, "before")
     store.forget("alice")
-    store.complete_task("before", "success", ("https://f.test/old.png",))
+    complete(store, "before", "success", "https://f.test/old.png")
     assert image(store) is None
     new_task(store, "after")
-    store.complete_task("after", "success", ("https://f.test/new.png",))
+    complete(store, "after", "success", "https://f.test/new.png")
     assert image(store) == "https://f.test/new.png"
-
-
-def test_image_expires_after_ttl(memory_store, clock):
-    new_task(memory_store, "t1")
-    memory_store.complete_task("t1", "success", ("https://f.test/1.png",))
-    clock.now += 3599
-    assert image(memory_store) == "https://f.test/1.png"
-    clock.now += 1
-    assert image(memory_store) is None
-
-
-def test_least_recently_used_users_are_dropped_first(memory_store):
-    for user in ("a", "b", "c"):
-        new_task(memory_store, user, user)
-        memory_store.complete_task(user, "success", (f"https://f.test/{user}.png",))
-    image(memory_store, "a")  # a is used again, so b is now the oldest
-    new_task(memory_store, "d", "d")
-    memory_store.complete_task("d", "success", ("https://f.test/d.png",))
-    assert [image(memory_store, u) is not None for u in ("a", "b", "c", "d")] == [True, False, True, True]
-
-
-def test_tasks_are_kept_a_day(memory_store, clock):
-    new_task(memory_store, "old")
-    clock.now += TASK_TTL + 1
-    new_task(memory_store, "new")
-    assert memory_store.task("old") is None
-    assert memory_store.task("new") is not None
-
-
-def test_claim_poll_once_per_interval(memory_store, clock):
-    new_task(memory_store, "t1")
-    assert memory_store.claim_poll("t1", 2.0)
-    assert not memory_store.claim_poll("t1", 2.0)
-    clock.now += 2.0
-    assert memory_store.claim_poll("t1", 2.0)
 
 
 def test_concurrent_completions_update_once(store):
@@ -143,11 +138,11 @@ def test_concurrent_completions_update_once(store):
     barrier = threading.Barrier(8)
     results = []
 
-    def complete(n: int) -> None:
+    def settle(n: int) -> None:
         barrier.wait()
-        results.append(store.complete_task("t1", "success", (f"https://f.test/{n}.png",)).image_urls)
+        results.append(complete(store, "t1", "success", f"https://f.test/{n}.png").image_urls)
 
-    threads = [threading.Thread(target=complete, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=settle, args=(n,)) for n in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -156,21 +151,136 @@ def test_concurrent_completions_update_once(store):
     assert image(store) == results[0][0]
 
 
+# -- the ledger ---------------------------------------------------------------------------------
+
+
 def test_task_record_round_trips(store):
     added = new_task(store, "t1")
     assert added.sequence > 0
     assert store.task("t1") == added
-    done = store.complete_task("t1", "failed", error_message="no picture")
+    done = complete(store, "t1", "failed", message="no picture")
     assert (done.state, done.error_message, done.image_urls) == ("failed", "no picture", ())
     assert done.completed_at is not None
     assert store.task("unknown") is None
 
 
-def test_redis_history_expires_with_its_ttl(redis_store):
-    new_task(redis_store, "t1")
-    redis_store.complete_task("t1", "success", ("https://f.test/1.png",))
-    assert 3590 < redis_store.redis.ttl(redis_store._user_key("alice")) <= 3600
-    assert 0 < redis_store.redis.ttl(redis_store._task_key("t1")) <= TASK_TTL
+def test_a_task_answers_to_the_upstreams_id_once_submitted(store):
+    new_task(store, "ours")
+    store.submitted("ours", "theirs", "key-fingerprint", 123.0)
+    found = store.task("theirs")
+    assert (found.task_id, found.upstream_task_id, found.key_id, found.submitted_at) == (
+        "ours",
+        "theirs",
+        "key-fingerprint",
+        123.0,
+    )
+
+
+def test_an_end_recorded_after_the_record_was_lost_writes_it_whole(store):
+    lost = replace(draft(store, "lost"), sequence=7, upstream_task_id="up-lost")
+    ended = replace(lost, state="success", image_urls=("https://f.test/kept.png",), completed_at=2.0)
+    assert store.complete_task(ended) == ended
+    assert store.task("up-lost") == ended
+    assert image(store) == "https://f.test/kept.png"
+
+
+def test_idempotency_key_returns_the_earlier_task(store):
+    key = IdempotencyKey("scope-1", "fingerprint-1")
+    first, created = store.record_task(draft(store, "first"), key)
+    again, created_again = store.record_task(draft(store, "second"), key)
+    assert (created, created_again) == (True, False)
+    assert again == first
+    assert store.keyed_task(key) == first
+    assert store.task("second") is None
+
+
+def test_idempotency_key_with_other_parameters_is_a_conflict(store):
+    store.record_task(draft(store, "first"), IdempotencyKey("scope-1", "fingerprint-1"))
+    other = IdempotencyKey("scope-1", "fingerprint-2")
+    with pytest.raises(IdempotencyConflict):
+        store.keyed_task(other)
+    with pytest.raises(IdempotencyConflict):
+        store.record_task(draft(store, "second"), other)
+
+
+def test_a_released_key_makes_a_new_task(store):
+    key = IdempotencyKey("scope-1", "fingerprint-1")
+    store.record_task(draft(store, "refused"), key)
+    store.release_key(key, "refused")
+    assert store.keyed_task(key) is None
+    assert store.record_task(draft(store, "retry"), key)[1] is True
+
+
+def test_concurrent_records_with_one_key_make_one_task(store):
+    key = IdempotencyKey("scope-1", "fingerprint-1")
+    barrier = threading.Barrier(8)
+    results = []
+
+    def record(n: int) -> None:
+        barrier.wait()
+        results.append(store.record_task(draft(store, f"t{n}"), key))
+
+    threads = [threading.Thread(target=record, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(created for _, created in results) == 1
+    assert len({record.task_id for record, _ in results}) == 1
+
+
+# -- followers and take-over ----------------------------------------------------------------------
+
+
+def test_tasks_of_a_follower_whose_lease_ran_out_are_taken_over_once(store, clock):
+    store.heartbeat("worker-a", clock.now + 10)
+    new_task(store, "t1", follower="worker-a")
+    new_task(store, "t2", follower="worker-a")
+    new_task(store, "done", follower="worker-a")
+    complete(store, "done", "success", "https://f.test/1.png")
+    store.heartbeat("worker-b", clock.now + 100)
+    assert store.take_over("worker-b", clock.now + 5, 100) == []  # worker-a is alive
+    taken = store.take_over("worker-b", clock.now + 11, 100)
+    assert sorted(record.task_id for record in taken) == ["t1", "t2"]
+    assert all(record.follower == "worker-b" for record in taken)
+    assert store.task("t1").follower == "worker-b"
+    assert store.take_over("worker-c", clock.now + 11, 100) == []  # worker-b's lease still runs
+
+
+def test_a_follower_that_records_but_never_renews_is_gone_after_one_lease(store, clock):
+    new_task(store, "t1", follower="crashed-at-start")
+    assert store.take_over("worker-b", clock.now + FOLLOWER_LEASE - 1, 100) == []
+    assert [r.task_id for r in store.take_over("worker-b", clock.now + FOLLOWER_LEASE + 1, 100)] == ["t1"]
+
+
+def test_take_over_comes_in_batches(store, clock):
+    for n in range(5):
+        new_task(store, f"t{n}", follower="worker-a")
+    later = clock.now + FOLLOWER_LEASE + 1
+    first = store.take_over("worker-b", later, 3)
+    second = store.take_over("worker-b", later, 3)
+    assert len(first) == 3 and len(second) == 2
+    assert {r.task_id for r in first} | {r.task_id for r in second} == {f"t{n}" for n in range(5)}
+
+
+def test_a_retired_followers_tasks_are_taken_over_at_once(store, clock):
+    store.heartbeat("worker-a", clock.now + 10)
+    new_task(store, "t1", follower="worker-a")
+    store.retire("worker-a")
+    assert [r.task_id for r in store.take_over("worker-b", clock.now, 100)] == ["t1"]
+
+
+def test_a_follower_does_not_take_over_its_own_tasks(store, clock):
+    new_task(store, "t1", follower="worker-a")
+    assert store.take_over("worker-a", clock.now + 60, 100) == []
+
+
+def test_claim_poll_once_per_interval(sqlite_store, clock):
+    new_task(sqlite_store, "t1")
+    assert sqlite_store.claim_poll("t1", 2.0)
+    assert not sqlite_store.claim_poll("t1", 2.0)
+    clock.now += 2.0
+    assert sqlite_store.claim_poll("t1", 2.0)
 
 
 def test_redis_claim_poll_once_per_interval(redis_store):
@@ -180,14 +290,81 @@ def test_redis_claim_poll_once_per_interval(redis_store):
     wait_until(lambda: redis_store.claim_poll("t1", 0.2), timeout=2)
 
 
-def test_two_processes_share_one_redis(redis_server, redis_store):
-    other = RedisStore(redis_server.url, history_ttl=3600)  # as another worker or instance would
-    new_task(redis_store, "early")
-    new_task(other, "later")
-    other.complete_task("later", "success", ("https://f.test/later.png",))
-    redis_store.complete_task("early", "success", ("https://f.test/early.png",))
-    assert image(redis_store) == image(other) == "https://f.test/later.png"
-    other.close()
+def test_notify_wakes_a_listener(store):
+    with store.listen("t1") as woken:
+        store.notify("t1")
+        assert woken.wait(5)
+
+
+# -- SQLite: a file that lasts, a schema with a version, limits ------------------------------------
+
+
+def test_sqlite_keeps_everything_across_a_restart(tmp_path, clock):
+    path = str(tmp_path / "kept.sqlite3")
+    first = SqliteStore(path, history_ttl=3600, max_users=10, clock=clock)
+    new_task(first, "t1")
+    complete(first, "t1", "success", "https://f.test/1.png")
+    new_task(first, "t2")
+    first.close()
+    again = SqliteStore(path, history_ttl=3600, max_users=10, clock=clock)
+    assert image(again) == "https://f.test/1.png"
+    assert again.task("t2").state == "pending"
+    assert new_task(again, "t3").sequence > again.task("t2").sequence
+    again.close()
+
+
+def test_sqlite_schema_has_a_version_and_refuses_a_newer_one(tmp_path):
+    path = str(tmp_path / "versioned.sqlite3")
+    open_database(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(sqlite3.DatabaseError, match="newer than this release"):
+        open_database(path)
+
+
+def test_sqlite_memory_keeps_nothing(clock):
+    first = SqliteStore(":memory:", history_ttl=3600, max_users=10, clock=clock)
+    new_task(first, "t1")
+    assert SqliteStore(":memory:", history_ttl=3600, max_users=10, clock=clock).task("t1") is None
+
+
+def test_image_expires_after_ttl(sqlite_store, clock):
+    new_task(sqlite_store, "t1")
+    complete(sqlite_store, "t1", "success", "https://f.test/1.png")
+    clock.now += 3599
+    assert image(sqlite_store) == "https://f.test/1.png"
+    clock.now += 1
+    assert image(sqlite_store) is None
+
+
+def test_least_recently_updated_users_are_dropped_beyond_the_limit(sqlite_store, clock):
+    for user in ("a", "b", "c", "d"):
+        clock.now += 1
+        new_task(sqlite_store, user, user)
+        complete(sqlite_store, user, "success", f"https://f.test/{user}.png")
+    sqlite_store.purge(clock.now)
+    assert [image(sqlite_store, u) is not None for u in ("a", "b", "c", "d")] == [False, True, True, True]
+
+
+def test_tasks_and_keys_are_kept_a_day(sqlite_store, clock):
+    key = IdempotencyKey("scope-1", "fingerprint-1")
+    sqlite_store.record_task(draft(sqlite_store, "old"), key)
+    complete(sqlite_store, "old", "success", "https://f.test/1.png")
+    clock.now += 24 * 3600 + 1
+    new_task(sqlite_store, "new")
+    sqlite_store.purge(clock.now)
+    assert sqlite_store.task("old") is None
+    assert sqlite_store.keyed_task(key) is None
+    assert sqlite_store.task("new") is not None
+
+
+def test_redis_keys_expire_by_themselves(redis_store):
+    new_task(redis_store, "t1")
+    complete(redis_store, "t1", "success", "https://f.test/1.png")
+    assert 3590 < redis_store.redis.ttl(redis_store._key("user:", "alice")) <= 3600
+    assert 0 < redis_store.redis.ttl(redis_store._key("task:", "t1")) <= 24 * 3600
 
 
 def test_redis_away_is_store_unavailable_then_recovers(redis_server):
@@ -197,7 +374,25 @@ def test_redis_away_is_store_unavailable_then_recovers(redis_server):
     try:
         with pytest.raises(StoreUnavailable):
             store.task("t1")
+        assert store.ping() is False
     finally:
         redis_server.start()
     assert store.task("t1") is None  # the server came back empty (no persistence), and the store works again
+    assert store.ping() is True
+    store.close()
+
+
+def test_redis_pool_waits_for_a_free_connection_instead_of_failing(redis_server):
+    store = RedisStore(redis_server.url, history_ttl=3600)
+    held = [store.pool.get_connection() for _ in range(store.pool.max_connections)]
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(store.task("t1")))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive() and answers == []  # waiting for a connection, not failing
+    store.pool.release(held.pop())
+    reader.join(5)
+    assert answers == [None]
+    for connection in held:
+        store.pool.release(connection)
     store.close()

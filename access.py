@@ -1,0 +1,92 @@
+"""Who may use the service, and how often: access tokens, and RATE_LIMIT with Flask-Limiter."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping, Sequence
+
+from flask import Flask, g, request
+from flask_limiter import Limiter
+
+from config import Settings
+from lifecycle import conversation_key
+from params import InvalidParameter, parse_user_id
+
+OPEN_ENDPOINTS = {
+    "nanobanana.upstream_callback",
+    "nanobanana.healthz",
+    "nanobanana.openapi",
+    "nanobanana.home",
+    "static",
+}
+GENERATE_ENDPOINT = "nanobanana.generate"
+
+RequestValues = Callable[[], Mapping[str, Sequence[str]]]
+
+
+class Unauthorized(Exception):
+    """Access tokens are on, and the request has none of them."""
+
+
+def init_access(app: Flask, settings: Settings, values: RequestValues, limiter_storage: dict) -> None:
+    """Tokens on every route but the open ones (checked first: strangers spend nobody's quota), then the limit."""
+
+    def require_access_token() -> None:
+        g.owner = ""
+        if not settings.access_tokens or request.endpoint is None or request.endpoint in OPEN_ENDPOINTS:
+            return
+        token = matching_token(presented_token(values), settings.access_tokens)
+        if token is None:
+            raise Unauthorized()
+        g.owner = hashlib.sha256(token.encode()).hexdigest()[:16]
+
+    app.before_request(require_access_token)
+    init_rate_limit(app, settings, values, limiter_storage)
+
+
+def presented_token(values: RequestValues) -> str:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return (values().get("token") or [""])[0]
+
+
+def matching_token(given: str, tokens: tuple[str, ...]) -> str | None:
+    """Compare with every token in constant time, so timing tells nothing about any of them."""
+    found = None
+    for token in tokens:
+        if hmac.compare_digest(given.encode(), token.encode()):
+            found = token
+    return found
+
+
+def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, storage: dict) -> None:
+    """RATE_LIMIT on generation requests, per user (within its token), else per client address."""
+
+    def rate_limit_key() -> str:
+        try:
+            user_id = parse_user_id(values())
+        except InvalidParameter:
+            user_id = None
+        if user_id:
+            return f"user:{conversation_key(g.get('owner', ''), user_id)}"
+        return f"address:{request.remote_addr}"
+
+    limiter = Limiter(
+        key_func=rate_limit_key,
+        app=app,
+        storage_uri=settings.redis_url or "memory://",
+        storage_options=storage,
+        headers_enabled=True,
+        key_prefix="nanobanana-limits",
+        enabled=settings.rate_limit is not None,
+        # Redis away: count in memory meanwhile; the request itself then gets the store's clear 503.
+        in_memory_fallback_enabled=True,
+        swallow_errors=True,
+    )
+    limiter.request_filter(lambda: request.endpoint != GENERATE_ENDPOINT)  # others skip the limiter at once
+    if settings.rate_limit:
+        app.view_functions[GENERATE_ENDPOINT] = limiter.limit(settings.rate_limit)(
+            app.view_functions[GENERATE_ENDPOINT]
+        )

@@ -1,0 +1,431 @@
+"""The life of a generation: record, submit, wait, follow to the end, take over, receive callbacks.
+
+    record (our task id; nothing spent yet) -> submit -> wait (poll, or be woken by a callback)
+    -> complete (the user's picture follows the ordering rule) -> notify whoever waits
+
+Every pending task is followed by one process: the one that recorded it, in a background thread
+(a greenlet under gevent) that outlives the request. Each process renews the lease on all the tasks
+it follows with one heartbeat; when a process goes away (crash, restart, deploy) its lease runs out,
+and any process of the service takes its tasks over, at start-up and continually (`_keep`).
+The routes and the take-over go through the same functions here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+
+from config import Settings
+from nanobanana_client import (
+    CALLBACK_PLACEHOLDER,
+    PENDING,
+    Generation,
+    NanoBananaClient,
+    NanoBananaError,
+    SubmissionUncertain,
+    Task,
+    TaskStatus,
+    callback_task_id,
+    parse_callback,
+)
+from params import GenerationRequest, InvalidParameter
+from store import FOLLOWER_LEASE, TASK_TTL, IdempotencyKey, Store, StoreUnavailable, TaskRecord
+
+log = logging.getLogger(__name__)
+
+KEEPER_EVERY = 1.0  # seconds between two renewals (and take-over sweeps)
+PURGE_EVERY = 60.0
+TAKE_OVER_BATCH = 500
+RECORD_RETRY_MAX = 10.0  # longest pause between attempts to record an end while the store is away
+
+UNCONFIRMED_MESSAGE = (
+    "The image service did not confirm that it started this picture, so we cannot tell whether it was made. "
+    "It was not sent again, to avoid paying twice; please try again."
+)
+GIVEN_UP_MESSAGE = "The image service did not finish this picture within a day."
+KEY_GONE_MESSAGE = "The API key that started this picture is no longer configured, so it cannot be fetched."
+
+
+class NotConfigured(Exception):
+    """No API key is configured, so nothing can be made."""
+
+
+@dataclass
+class Following:
+    """A task followed by this process; requests for it wait on `ended`."""
+
+    record: TaskRecord
+    key: IdempotencyKey | None = None
+    ended: threading.Event = field(default_factory=threading.Event)
+    woken: threading.Event | None = None  # set by a callback, a refresh, or stop()
+    refusal: NanoBananaError | None = None  # the upstream refused the submission: nothing was made
+
+
+class Lifecycle:
+    def __init__(self, settings: Settings, client: NanoBananaClient, store: Store):
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._following: dict[str, Following] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._keeper: threading.Thread | None = None
+
+    # -- the process's part ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Renew this process's lease and take over orphaned tasks, now and every second, until stop()."""
+        with self._lock:
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep, name="keeper", daemon=True)
+                self._keeper.start()
+
+    def stop(self) -> None:
+        """Stop following; the lease ends at once, so another process takes the pending tasks over."""
+        self._stopping.set()
+        with self._lock:
+            followed = list(self._following.values())
+        for following in followed:
+            if following.woken is not None:
+                following.woken.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout=5)
+        try:
+            self.store.retire(self.follower_id)
+        except StoreUnavailable:
+            log.warning("could not end this process's lease: its tasks are taken over when it runs out")
+
+    def followed(self) -> int:
+        """How many tasks this process follows now."""
+        return len(self._following)
+
+    # -- a generation request --------------------------------------------------------------
+
+    def generate(self, wanted: GenerationRequest, owner: str = "") -> TaskRecord:
+        """Record, submit, and wait up to `wanted.wait` seconds in all; the task is followed to its end anyway."""
+        deadline = time.monotonic() + wanted.wait
+        if not self.settings.configured:
+            raise NotConfigured()
+        key = idempotency_key(wanted, owner)
+        earlier = self.store.keyed_task(key) if key else None
+        if earlier is not None:
+            return self._await(earlier, deadline)
+        conversation = conversation_key(owner, wanted.user_id)
+        if wanted.reset and conversation:
+            self.store.forget(conversation)
+        generation, used_previous = self._choose_images(wanted.generation, conversation)
+        record, new = self.store.record_task(
+            TaskRecord(
+                task_id=uuid.uuid4().hex,
+                owner=owner,
+                conversation=conversation,
+                user_id=wanted.user_id,
+                mode="image-to-image" if generation.image_urls else "text-to-image",
+                source_image_urls=generation.image_urls,
+                used_previous_image=used_previous,
+                created_at=time.time(),
+                callback_secret=secrets.token_urlsafe(18) if self.settings.callbacks else None,
+                follower=self.follower_id,
+            ),
+            key,
+        )
+        following = self._follow(record, generation, key) if new else None
+        return self._await(record, deadline, following)
+
+    def task(self, task_id: str, owner: str = "") -> TaskRecord | None:
+        """A task of this owner, by either id; a pending one is asked about at most once per poll interval."""
+        record = self.store.task(task_id)
+        if record is None or record.owner != owner:
+            return None
+        if record.state != "pending" or record.upstream_task_id is None:
+            return record
+        task = self._upstream_task(record)
+        if task is None or not self.store.claim_poll(record.task_id, self.settings.poll_interval):
+            return record
+        status = self._ask(task)
+        if not status.done:
+            return record
+        return self._record_end(ended(record, status))
+
+    def receive_callback(self, task_id: str, secret: str, body) -> str:
+        """Record the end of a task from its callback, if the callback is genuine; wake whoever waits."""
+        upstream_task_id = callback_task_id(body)
+        if upstream_task_id is None:
+            raise InvalidParameter("A callback needs a JSON body with data.taskId.")
+        record = self.store.task(task_id or upstream_task_id)
+        if record is None or not genuine(record, secret, upstream_task_id):
+            log.warning(
+                "ignored a callback for task %r: not ours, or not from the upstream", task_id or upstream_task_id
+            )
+            return upstream_task_id
+        status = parse_callback(body)
+        if status is not None and not record.settled:
+            self._record_end(ended(replace(record, upstream_task_id=upstream_task_id), status))
+        return record.task_id
+
+    # -- following a task ------------------------------------------------------------------
+
+    def _follow(
+        self, record: TaskRecord, generation: Generation | None = None, key=None, taken_over=False
+    ) -> Following | None:
+        """Follow a task to its end in a thread of its own, submitting it first when `generation` is given."""
+        following = Following(record, key)
+        with self._lock:
+            if record.task_id in self._following or self._stopping.is_set():
+                return None
+            self._following[record.task_id] = following
+        name = f"follow-{record.task_id}"
+        threading.Thread(target=self._run, args=(following, generation, taken_over), name=name, daemon=True).start()
+        return following
+
+    def _run(self, following: Following, generation: Generation | None, taken_over: bool) -> None:
+        task_id = following.record.task_id
+        try:
+            with self.store.listen(task_id) as woken:
+                following.woken = woken
+                if generation is not None:
+                    self._submit(following, generation)
+                if not following.ended.is_set():
+                    end = self._await_end(following, woken, ask_first=taken_over)
+                    if end is not None:
+                        self._settle(following, end)
+        except Exception:
+            log.exception("following task %s broke off; it is followed again in %gs", task_id, FOLLOWER_LEASE)
+            threading.Timer(FOLLOWER_LEASE, self._follow, args=(following.record,), kwargs={"taken_over": True}).start()
+        finally:
+            with self._lock:
+                self._following.pop(task_id, None)
+            following.ended.set()
+
+    def _submit(self, following: Following, generation: Generation) -> None:
+        record = following.record
+        try:
+            task = self.client.submit(generation, self._callback_url(record))
+        except SubmissionUncertain as unknown:
+            following.record = replace(record, error_message=unknown.message)
+            return  # the task may exist: _await_end waits for its callback, or calls it unconfirmed
+        except NanoBananaError as refused:
+            following.refusal = refused
+            self._settle(following, settled(record, "failed", refused.code, refused.message))
+            if following.key is not None:
+                self._quietly(self.store.release_key, following.key, record.task_id)
+            return
+        key_id = self.client.keys.key_id(task.key_number)
+        following.record = replace(record, upstream_task_id=task.task_id, key_id=key_id, submitted_at=task.submitted_at)
+        self._quietly(self.store.submitted, record.task_id, task.task_id, key_id, task.submitted_at)
+
+    def _await_end(self, following: Following, woken: threading.Event, ask_first: bool) -> TaskRecord | None:
+        """Poll on the task's schedule, or be woken, until it ends; None when there is nothing to record."""
+        record = following.record
+        if record.upstream_task_id is None:
+            return self._await_unconfirmed(following, woken)
+        task = self._upstream_task(record)
+        if task is None:
+            return settled(record, "failed", "upstream_error", KEY_GONE_MESSAGE)
+        if ask_first:  # a task taken over may have ended long ago
+            status = self._ask(task)
+            if status.done:
+                return ended(record, status)
+        life_end = record.created_at + TASK_TTL
+        while not self._stopping.is_set():
+            status = self.client.wait(task, life_end - time.time(), wake=woken)
+            if status.done:
+                return ended(record, status)
+            if not woken.is_set():
+                return settled(record, "failed", "upstream_error", GIVEN_UP_MESSAGE)
+            woken.clear()
+            if self._ended_elsewhere(following):
+                return None
+        return None
+
+    def _await_unconfirmed(self, following: Following, woken: threading.Event) -> TaskRecord | None:
+        """The submission's answer was lost. Its callback names our task, so with callbacks on, wait for it."""
+        record = following.record
+        if self.settings.callbacks:
+            until = record.created_at + self.settings.polling_window + self.settings.submit_read_timeout
+            while not self._stopping.is_set() and woken.wait(max(0.0, until - time.time())):
+                woken.clear()
+                if self._ended_elsewhere(following):
+                    return None
+        if self._stopping.is_set():
+            return None
+        return settled(record, "unconfirmed", "upstream_error", record.error_message or UNCONFIRMED_MESSAGE)
+
+    def _ended_elsewhere(self, following: Following) -> bool:
+        """After a wake-up: did a callback or a status request record the end? Then adopt it."""
+        try:
+            stored = self.store.task(following.record.task_id)
+        except StoreUnavailable:
+            return False
+        if stored is None or not stored.settled:
+            return False
+        following.record = stored
+        return True
+
+    def _settle(self, following: Following, end: TaskRecord) -> None:
+        """Record the end. With the store away, answer the caller now and record it once the store is back."""
+        following.record = end
+        try:
+            following.record = self.store.complete_task(end)
+        except StoreUnavailable:
+            log.warning("the store is unavailable: the end of task %s is recorded when it is back", end.task_id)
+            following.ended.set()
+            following.record = self._record_when_back(end)
+        self._quietly(self.store.notify, end.task_id)
+
+    def _record_when_back(self, end: TaskRecord) -> TaskRecord:
+        pause = 0.5
+        while not self._stopping.wait(pause):
+            try:
+                recorded = self.store.complete_task(end)
+            except StoreUnavailable:
+                pause = min(pause * 2, RECORD_RETRY_MAX)
+                continue
+            log.info("recorded the end of task %s now that the store is back", end.task_id)
+            return recorded
+        return end
+
+    def _record_end(self, end: TaskRecord) -> TaskRecord:
+        """Record an end learnt outside the follower (a callback, a status request) and wake the follower."""
+        recorded = self.store.complete_task(end)
+        self._quietly(self.store.notify, end.task_id)
+        return recorded
+
+    # -- waiting for an answer ---------------------------------------------------------------
+
+    def _await(self, record: TaskRecord, deadline: float, following: Following | None = None) -> TaskRecord:
+        """The task as it stands when it ends or the caller's wait runs out, whichever comes first."""
+        following = following or self._following.get(record.task_id)
+        if following is None:
+            return self._await_stored(record, deadline)
+        following.ended.wait(max(0.0, deadline - time.monotonic()))
+        if following.refusal is not None:
+            raise following.refusal
+        return following.record
+
+    def _await_stored(self, record: TaskRecord, deadline: float) -> TaskRecord:
+        """Wait for a task another process follows: its end is in the store, and a notification says when."""
+        with self.store.listen(record.task_id) as woken:
+            current = self.store.task(record.task_id) or record
+            while current.state == "pending" and woken.wait(max(0.0, deadline - time.monotonic())):
+                woken.clear()
+                current = self.store.task(record.task_id) or current
+        return current
+
+    # -- the keeper: lease and take-over -----------------------------------------------------
+
+    def _keep(self) -> None:
+        next_purge, store_was_away = 0.0, False
+        while True:
+            now = time.time()
+            try:
+                self.store.heartbeat(self.follower_id, now + FOLLOWER_LEASE)
+                self._take_over(now)
+                if now >= next_purge:
+                    self.store.purge(now)
+                    next_purge = now + PURGE_EVERY
+                if store_was_away:
+                    log.info("the store is back")
+                store_was_away = False
+            except StoreUnavailable as away:
+                if not store_was_away:
+                    log.warning("the store is unavailable (%s); taking over waits until it is back", away)
+                store_was_away = True
+            except Exception:
+                log.exception("renewing the lease or taking over failed; trying again")
+            if self._stopping.wait(KEEPER_EVERY):
+                return
+
+    def _take_over(self, now: float) -> None:
+        while not self._stopping.is_set():
+            orphans = self.store.take_over(self.follower_id, now, TAKE_OVER_BATCH)
+            for record in orphans:
+                self._follow(record, taken_over=True)
+            if orphans:
+                log.info("took over %d pending tasks whose follower was gone", len(orphans))
+            if len(orphans) < TAKE_OVER_BATCH:
+                return
+
+    # -- small helpers -------------------------------------------------------------------------
+
+    def _choose_images(self, generation: Generation, conversation: str | None) -> tuple[Generation, bool]:
+        """Explicit images first, else the user's remembered image, else none."""
+        if generation.image_urls or not conversation:
+            return generation, False
+        remembered = self.store.remembered_image(conversation)
+        if remembered is None:
+            return generation, False
+        return replace(generation, image_urls=(remembered.image_url,)), True
+
+    def _upstream_task(self, record: TaskRecord) -> Task | None:
+        number = self.client.keys.number_of(record.key_id)
+        if number is None or record.upstream_task_id is None:
+            return None
+        return Task(record.upstream_task_id, number, record.submitted_at or record.created_at)
+
+    def _ask(self, task: Task) -> TaskStatus:
+        """Ask the upstream once how the task is doing; a failed question is no answer."""
+        try:
+            return self.client.status(task)
+        except NanoBananaError as failure:
+            log.info("status of task %s unknown: %s", task.task_id, failure.message)
+            return PENDING
+
+    def _callback_url(self, record: TaskRecord) -> str:
+        if record.callback_secret is None:
+            return CALLBACK_PLACEHOLDER
+        return (
+            f"{self.settings.public_base_url}/nanobanana/callback?task={record.task_id}&secret={record.callback_secret}"
+        )
+
+    @staticmethod
+    def _quietly(action, *args) -> None:
+        """A store write that may wait for better times: the end of the task writes the record whole."""
+        try:
+            action(*args)
+        except StoreUnavailable:
+            log.warning("the store is unavailable: %s skipped for now", action.__name__)
+
+
+def ended(record: TaskRecord, status: TaskStatus) -> TaskRecord:
+    """The record with the end the upstream reported."""
+    code = None if status.state == "success" else "generation_failed"
+    return replace(settled(record, status.state, code, status.error_message), image_urls=status.image_urls)
+
+
+def settled(record: TaskRecord, state: str, error_code: str | None, message: str | None) -> TaskRecord:
+    return replace(record, state=state, error_code=error_code, error_message=message, completed_at=time.time())
+
+
+def genuine(record: TaskRecord, secret: str, upstream_task_id: str) -> bool:
+    """A callback is the upstream's if it carries the task's secret, for the task it names."""
+    if not record.callback_secret or record.upstream_task_id not in (None, upstream_task_id):
+        return False
+    return hmac.compare_digest(secret.encode("utf-8", "surrogatepass"), record.callback_secret.encode())
+
+
+def conversation_key(owner: str, user_id: str | None) -> str | None:
+    """Where a user's history lives: the same user id under two access tokens is two users."""
+    if not user_id:
+        return None
+    return f"{owner}/{user_id}" if owner else user_id
+
+
+def idempotency_key(wanted: GenerationRequest, owner: str) -> IdempotencyKey | None:
+    """The caller's key within its token's scope, and a digest of what it asked for (the wait aside)."""
+    if wanted.idempotency_key is None:
+        return None
+    scope = hashlib.sha256(f"{owner}\n{wanted.idempotency_key}".encode()).hexdigest()
+    asked = {**asdict(wanted.generation), "user_id": wanted.user_id, "reset": wanted.reset}
+    fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
+    return IdempotencyKey(scope, fingerprint)

@@ -1,0 +1,297 @@
+"""The shared store: Redis, when REDIS_URL is set, for several workers and instances.
+
+Every rule that must hold when two processes race (recording with an idempotency key, completing
+a task with the ordering rule, forgetting, taking over) is one Lua script, so Redis runs it whole.
+Keys expire by themselves (tasks after a day, users after HISTORY_TTL); nothing needs purging.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import replace
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from store import (
+    FOLLOWER_LEASE,
+    IDEMPOTENCY_TTL,
+    TASK_TTL,
+    IdempotencyConflict,
+    IdempotencyKey,
+    Remembered,
+    StoreUnavailable,
+    TaskRecord,
+    Waiters,
+    task_fields,
+    task_record,
+)
+
+# A greenlet holds a connection for one round trip, so a few dozen serve thousands of waiting
+# requests; past the limit a caller waits for a free one (it never fails with "Too many connections").
+MAX_CONNECTIONS = 100
+CONNECTION_WAIT = 5.0  # seconds a caller waits for a free connection before the store counts as away
+
+# KEYS: task, sequence counter, followers, idempotency key (or the task again); ARGV: prefix, task id,
+# follower, first lease's end, keyed ("1"/""), fingerprint, task TTL, key TTL, then the task's fields.
+_RECORD = """
+if ARGV[5] == '1' then
+    local earlier = redis.call('HMGET', KEYS[4], 'task_id', 'fingerprint')
+    if earlier[1] and redis.call('EXISTS', ARGV[1] .. 'task:' .. earlier[1]) == 1 then
+        return {earlier[1], earlier[2]}
+    end
+    redis.call('HSET', KEYS[4], 'task_id', ARGV[2], 'fingerprint', ARGV[6])
+    redis.call('EXPIRE', KEYS[4], ARGV[8])
+end
+local sequence = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'sequence', sequence, unpack(ARGV, 9))
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+-- a follower new to the followers set gets a first lease; a known one keeps its own
+redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
+redis.call('SADD', ARGV[1] .. 'following:' .. ARGV[3], ARGV[2])
+return {ARGV[2], tostring(sequence)}
+"""
+# KEYS: task; ARGV: prefix, history TTL, task TTL, now, then the ended task's field/value pairs.
+# Written whole: a task whose record Redis lost (a restart without persistence) comes back.
+_COMPLETE = """
+local stored = redis.call('HMGET', KEYS[1], 'state', 'follower')
+if stored[1] and stored[1] ~= 'pending' and stored[1] ~= 'unconfirmed' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local task = redis.call('HMGET', KEYS[1], 'task_id', 'follower', 'state', 'conversation', 'sequence',
+                        'image_urls', 'upstream_task_id')
+if stored[2] then redis.call('SREM', ARGV[1] .. 'following:' .. stored[2], task[1]) end
+redis.call('SREM', ARGV[1] .. 'following:' .. task[2], task[1])
+if task[7] and task[7] ~= '' then
+    redis.call('SET', ARGV[1] .. 'upstream:' .. task[7], task[1], 'EX', ARGV[3])
+end
+if task[3] == 'success' and task[4] and task[4] ~= '' then
+    local user_key = ARGV[1] .. 'user:' .. task[4]
+    local current = tonumber(redis.call('HGET', user_key, 'sequence')) or -1
+    if current < tonumber(task[5]) then
+        local first = cjson.decode(task[6])[1]
+        redis.call('HSET', user_key, 'image_url', first, 'sequence', task[5], 'updated_at', ARGV[4])
+        redis.call('EXPIRE', user_key, ARGV[2])
+    end
+end
+return 1
+"""
+# KEYS: task, upstream id's alias; ARGV: upstream id, key id, submitted at, task id, TTL
+_SUBMITTED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- lost with the store: the end writes it whole
+redis.call('HSET', KEYS[1], 'upstream_task_id', ARGV[1], 'key_id', ARGV[2], 'submitted_at', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+return 1
+"""
+# KEYS: user, sequence counter; ARGV: now, history TTL
+_FORGET = """
+local sequence = tonumber(redis.call('GET', KEYS[2])) or 0
+redis.call('HSET', KEYS[1], 'image_url', '', 'sequence', sequence, 'updated_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+# KEYS: followers; ARGV: prefix, taker, now, limit. Moves tasks of followers whose lease ran out.
+_TAKE_OVER = """
+local taken = {}
+local limit = tonumber(ARGV[4])
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3], 'LIMIT', 0, 20)
+for _, follower in ipairs(lapsed) do
+    if follower ~= ARGV[2] and #taken < limit then
+        local set = ARGV[1] .. 'following:' .. follower
+        for _, id in ipairs(redis.call('SPOP', set, limit - #taken)) do
+            local key = ARGV[1] .. 'task:' .. id
+            if redis.call('HGET', key, 'state') == 'pending' then
+                redis.call('HSET', key, 'follower', ARGV[2])
+                redis.call('SADD', ARGV[1] .. 'following:' .. ARGV[2], id)
+                table.insert(taken, id)
+            end
+        end
+        if redis.call('SCARD', set) == 0 then redis.call('ZREM', KEYS[1], follower) end
+    end
+end
+return taken
+"""
+
+
+class RedisStore:
+    """The same store in Redis: every worker and instance sees the same users, tasks and followers."""
+
+    name = "redis"
+
+    def __init__(self, url: str, history_ttl: int, prefix: str = "nanobanana:", clock: Callable[[], float] = time.time):
+        self.history_ttl = history_ttl
+        self.prefix = prefix
+        self.clock = clock
+        self.pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=CONNECTION_WAIT,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=2,
+            health_check_interval=30,
+        )
+        self.redis = redis.Redis(connection_pool=self.pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
+        self._record = self.redis.register_script(_RECORD)
+        self._submitted = self.redis.register_script(_SUBMITTED)
+        self._complete = self.redis.register_script(_COMPLETE)
+        self._forget = self.redis.register_script(_FORGET)
+        self._take_over = self.redis.register_script(_TAKE_OVER)
+        self._waiters = Waiters()
+        self._subscriber: threading.Thread | None = None
+        self._subscriber_lock = threading.Lock()
+        self._closed = threading.Event()
+
+    # -- conversations ---------------------------------------------------------------------
+
+    def remembered_image(self, conversation: str) -> Remembered | None:
+        entry = self._call(self.redis.hgetall, self._key("user:", conversation))
+        if not entry.get("image_url"):
+            return None
+        return Remembered(entry["image_url"], float(entry["updated_at"]))
+
+    def forget(self, conversation: str) -> None:
+        keys = [self._key("user:", conversation), self._key("sequence")]
+        self._call(self._forget, keys=keys, args=[self.clock(), self.history_ttl])
+
+    # -- the ledger ------------------------------------------------------------------------
+
+    def record_task(self, record: TaskRecord, key: IdempotencyKey | None = None) -> tuple[TaskRecord, bool]:
+        task_key = self._key("task:", record.task_id)
+        keys = [
+            task_key,
+            self._key("sequence"),
+            self._key("followers"),
+            self._key("idem:", key.scope) if key else task_key,
+        ]
+        values = task_fields(record)
+        del values["sequence"]
+        args = [self.prefix, record.task_id, record.follower, self.clock() + FOLLOWER_LEASE, "1" if key else ""]
+        args += [key.fingerprint if key else "", TASK_TTL, IDEMPOTENCY_TTL, *_pairs(values)]
+        task_id, detail = self._call(self._record, keys=keys, args=args)
+        if task_id == record.task_id:
+            return replace(record, sequence=int(detail)), True
+        if key is None or detail != key.fingerprint:
+            raise IdempotencyConflict()
+        earlier = self.task(task_id)
+        if earlier is None:  # expired between the script and this read: nothing was made twice
+            raise StoreUnavailable("the task of this idempotency key just expired")
+        return earlier, False
+
+    def keyed_task(self, key: IdempotencyKey) -> TaskRecord | None:
+        task_id, fingerprint = self._call(self.redis.hmget, self._key("idem:", key.scope), "task_id", "fingerprint")
+        earlier = self.task(task_id) if task_id else None
+        if earlier is not None and fingerprint != key.fingerprint:
+            raise IdempotencyConflict()
+        return earlier
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        fields = self._call(self.redis.hgetall, self._key("task:", task_id))
+        if not fields:
+            ours = self._call(self.redis.get, self._key("upstream:", task_id))
+            fields = self._call(self.redis.hgetall, self._key("task:", ours)) if ours else {}
+        return task_record(fields) if fields else None
+
+    def submitted(self, task_id: str, upstream_task_id: str, key_id: str, submitted_at: float) -> None:
+        keys = [self._key("task:", task_id), self._key("upstream:", upstream_task_id)]
+        self._call(self._submitted, keys=keys, args=[upstream_task_id, key_id, submitted_at, task_id, TASK_TTL])
+
+    def complete_task(self, record: TaskRecord) -> TaskRecord:
+        args = [self.prefix, self.history_ttl, TASK_TTL, self.clock(), *_pairs(task_fields(record))]
+        self._call(self._complete, keys=[self._key("task:", record.task_id)], args=args)
+        return self.task(record.task_id) or record
+
+    def release_key(self, key: IdempotencyKey, task_id: str) -> None:
+        idem = self._key("idem:", key.scope)
+        if self._call(self.redis.hget, idem, "task_id") == task_id:
+            self._call(self.redis.delete, idem)
+
+    def claim_poll(self, task_id: str, interval: float) -> bool:
+        key, milliseconds = self._key("polled:", task_id), max(1, int(interval * 1000))
+        return bool(self._call(self.redis.set, key, 1, px=milliseconds, nx=True))
+
+    # -- followers -------------------------------------------------------------------------
+
+    def heartbeat(self, follower: str, alive_until: float) -> None:
+        self._call(self.redis.zadd, self._key("followers"), {follower: alive_until})
+
+    def take_over(self, follower: str, now: float, limit: int) -> list[TaskRecord]:
+        args = [self.prefix, follower, now, limit]
+        taken = self._call(self._take_over, keys=[self._key("followers")], args=args)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in taken:
+                pipe.hgetall(self._key("task:", task_id))
+            return [task_record(fields) for fields in self._call(pipe.execute) if fields]
+
+    def retire(self, follower: str) -> None:
+        self._call(self.redis.zadd, self._key("followers"), {follower: 0})
+
+    # -- wake-ups, health, housekeeping -----------------------------------------------------
+
+    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]:
+        """An event set when any process calls `notify(task_id)`, while the block runs."""
+        self._start_subscriber()
+        return self._waiters.listen(task_id)
+
+    def notify(self, task_id: str) -> None:
+        """Wake whoever waits for this task, in every worker and instance (Redis pub/sub)."""
+        self._call(self.redis.publish, self._key("wake"), task_id)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._call(self.redis.ping))
+        except StoreUnavailable:
+            return False
+
+    def purge(self, now: float) -> None:
+        """Nothing to do: every key carries its own expiry."""
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._subscriber:
+            self._subscriber.join(timeout=5)
+        self.pool.disconnect()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _start_subscriber(self) -> None:
+        with self._subscriber_lock:
+            if self._subscriber is None:
+                self._subscriber = threading.Thread(target=self._relay_wakes, name="redis-wakes", daemon=True)
+                self._subscriber.start()
+
+    def _relay_wakes(self) -> None:
+        """Listen on the wake channel for the life of the process, reconnecting when Redis comes back."""
+        while not self._closed.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._key("wake"))
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message:
+                        self._waiters.wake(message["data"])
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._closed.wait(1.0)  # the followers' polls cover the gap
+            finally:
+                pubsub.close()
+
+    def _key(self, kind: str, name: str = "") -> str:
+        return self.prefix + kind + name
+
+    @staticmethod
+    def _call(function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StoreUnavailable(str(error)) from None
+
+
+def _pairs(values: dict) -> list:
+    """Field/value pairs for HSET, with None as ""."""
+    pairs: list = []
+    for name, value in values.items():
+        pairs += [name, "" if value is None else value]
+    return pairs

@@ -1,0 +1,329 @@
+"""The default store: one SQLite file (the standard library's sqlite3), used when REDIS_URL is not set.
+
+WAL journal with synchronous=NORMAL: a commit is safe when the process is killed (not against
+power loss), and costs no fsync. One connection per process behind a lock: every statement takes
+microseconds, so callers queue for it briefly instead of opening connections. Several processes
+(a reload's overlap) share the file safely; the busy time-out covers their brief write locks.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
+
+from store import (
+    FOLLOWER_LEASE,
+    IDEMPOTENCY_TTL,
+    TASK_FIELDS,
+    TASK_TTL,
+    IdempotencyConflict,
+    IdempotencyKey,
+    Remembered,
+    StoreUnavailable,
+    TaskRecord,
+    Waiters,
+    task_fields,
+    task_record,
+)
+
+# Each entry brings the schema from the version before it to the next; PRAGMA user_version says
+# which ones a database has had. Append, never edit: a release that changes the schema adds one.
+MIGRATIONS = (
+    """
+    CREATE TABLE tasks (
+        sequence INTEGER PRIMARY KEY AUTOINCREMENT,  -- order of recording, never reused
+        task_id TEXT NOT NULL UNIQUE,
+        owner TEXT NOT NULL,
+        conversation TEXT,
+        user_id TEXT,
+        mode TEXT NOT NULL,
+        source_image_urls TEXT NOT NULL,
+        used_previous_image INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        callback_secret TEXT,
+        follower TEXT NOT NULL,
+        upstream_task_id TEXT UNIQUE,
+        key_id TEXT,
+        submitted_at REAL,
+        state TEXT NOT NULL,
+        image_urls TEXT NOT NULL,
+        error_code TEXT,
+        error_message TEXT,
+        completed_at REAL,
+        last_poll REAL
+    );
+    CREATE INDEX tasks_pending ON tasks (follower) WHERE state = 'pending';
+    CREATE INDEX tasks_created ON tasks (created_at);
+    CREATE TABLE history (
+        conversation TEXT PRIMARY KEY,
+        image_url TEXT,  -- NULL after the user asked to forget: the sequence still bars older results
+        sequence INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX history_updated ON history (updated_at);
+    CREATE TABLE idempotency (
+        scope TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE followers (
+        follower TEXT PRIMARY KEY,
+        alive_until REAL NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+BUSY_TIMEOUT_MS = 5000
+
+_COLUMNS = ", ".join(TASK_FIELDS)
+_PLACEHOLDERS = ", ".join(f":{name}" for name in TASK_FIELDS)
+_SETTLE = ", ".join(f"{name} = excluded.{name}" for name in TASK_FIELDS if name not in ("task_id", "sequence"))
+
+
+class SqliteStore:
+    """Conversations, the ledger, idempotency keys and followers in one SQLite file."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str, history_ttl: float, max_users: int, clock: Callable[[], float] = time.time):
+        self.path = path
+        self.history_ttl = history_ttl
+        self.max_users = max_users
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._waiters = Waiters()
+        self._db = open_database(path)
+
+    # -- conversations ---------------------------------------------------------------------
+
+    def remembered_image(self, conversation: str) -> Remembered | None:
+        """The user's last picture, unless it expired or was forgotten."""
+        row = self._one(
+            "SELECT image_url, updated_at FROM history WHERE conversation = ? AND updated_at > ?",
+            (conversation, self.clock() - self.history_ttl),
+        )
+        if row is None or row["image_url"] is None:
+            return None
+        return Remembered(row["image_url"], row["updated_at"])
+
+    def forget(self, conversation: str) -> None:
+        """Forget the user's picture; results of tasks recorded before now stay forgotten too."""
+        with self._transaction() as db:
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+            db.execute(
+                "INSERT OR REPLACE INTO history (conversation, image_url, sequence, updated_at) VALUES (?, NULL, ?, ?)",
+                (conversation, row["seq"] if row else 0, self.clock()),
+            )
+
+    # -- the ledger ------------------------------------------------------------------------
+
+    def record_task(self, record: TaskRecord, key: IdempotencyKey | None = None) -> tuple[TaskRecord, bool]:
+        with self._transaction() as db:
+            if key is not None:
+                existing = self._keyed_task(db, key)
+                if existing is not None:
+                    return existing, False
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
+                    (key.scope, key.fingerprint, record.task_id, record.created_at),
+                )
+            values = task_fields(record)
+            del values["sequence"]
+            columns = ", ".join(values)
+            placeholders = ", ".join(f":{name}" for name in values)
+            sequence = db.execute(f"INSERT INTO tasks ({columns}) VALUES ({placeholders})", values).lastrowid
+            db.execute(
+                "INSERT OR IGNORE INTO followers VALUES (?, ?)", (record.follower, self.clock() + FOLLOWER_LEASE)
+            )
+        return replace(record, sequence=sequence), True
+
+    def keyed_task(self, key: IdempotencyKey) -> TaskRecord | None:
+        with self._lock, _unavailable_on_error():
+            return self._keyed_task(self._db, key)
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        row = self._one(
+            f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ? UNION ALL "
+            f"SELECT {_COLUMNS} FROM tasks WHERE upstream_task_id = ? LIMIT 1",
+            (task_id, task_id),
+        )
+        return task_record(row) if row else None
+
+    def submitted(self, task_id: str, upstream_task_id: str, key_id: str, submitted_at: float) -> None:
+        self._run(
+            "UPDATE tasks SET upstream_task_id = ?, key_id = ?, submitted_at = ? WHERE task_id = ?",
+            (upstream_task_id, key_id, submitted_at, task_id),
+        )
+
+    def complete_task(self, record: TaskRecord) -> TaskRecord:
+        with self._transaction() as db:
+            changed = db.execute(
+                f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_PLACEHOLDERS}) "
+                f"ON CONFLICT (task_id) DO UPDATE SET {_SETTLE} WHERE tasks.state IN ('pending', 'unconfirmed')",
+                task_fields(record),
+            ).rowcount
+            if changed and record.state == "success" and record.conversation is not None:
+                db.execute(
+                    "INSERT INTO history (conversation, image_url, sequence, updated_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (conversation) DO UPDATE SET image_url = excluded.image_url, "
+                    "sequence = excluded.sequence, updated_at = excluded.updated_at "
+                    "WHERE history.sequence < excluded.sequence",
+                    (record.conversation, record.image_urls[0], record.sequence, self.clock()),
+                )
+            row = db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (record.task_id,)).fetchone()
+        return task_record(row)
+
+    def release_key(self, key: IdempotencyKey, task_id: str) -> None:
+        self._run("DELETE FROM idempotency WHERE scope = ? AND task_id = ?", (key.scope, task_id))
+
+    def claim_poll(self, task_id: str, interval: float) -> bool:
+        now = self.clock()
+        return bool(
+            self._run(
+                "UPDATE tasks SET last_poll = ? WHERE task_id = ? AND (last_poll IS NULL OR last_poll <= ?)",
+                (now, task_id, now - interval),
+            )
+        )
+
+    # -- followers -------------------------------------------------------------------------
+
+    def heartbeat(self, follower: str, alive_until: float) -> None:
+        self._run(
+            "INSERT INTO followers VALUES (?, ?) "
+            "ON CONFLICT (follower) DO UPDATE SET alive_until = excluded.alive_until",
+            (follower, alive_until),
+        )
+
+    def take_over(self, follower: str, now: float, limit: int) -> list[TaskRecord]:
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE state = 'pending' AND follower != ? AND follower NOT IN "
+                "(SELECT follower FROM followers WHERE alive_until >= ?) LIMIT ?",
+                (follower, now, limit),
+            ).fetchall()
+            db.executemany("UPDATE tasks SET follower = ? WHERE task_id = ?", [(follower, r["task_id"]) for r in rows])
+        return [task_record({**row, "follower": follower}) for row in rows]
+
+    def retire(self, follower: str) -> None:
+        self._run("UPDATE followers SET alive_until = 0 WHERE follower = ?", (follower,))
+
+    # -- wake-ups, health, housekeeping -----------------------------------------------------
+
+    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]:
+        """An event set when `notify(task_id)` is called in this process, while the block runs."""
+        return self._waiters.listen(task_id)
+
+    def notify(self, task_id: str) -> None:
+        self._waiters.wake(task_id)
+
+    def ping(self) -> bool:
+        try:
+            self._one("SELECT 1", ())
+        except StoreUnavailable:
+            return False
+        return True
+
+    def purge(self, now: float) -> None:
+        """Drop what has outlived its time, and the least recently updated users beyond the limit."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM tasks WHERE created_at < ? AND state != 'pending'", (now - TASK_TTL,))
+            db.execute("DELETE FROM tasks WHERE created_at < ?", (now - 2 * TASK_TTL,))
+            db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))
+            db.execute("DELETE FROM history WHERE updated_at <= ?", (now - self.history_ttl,))
+            db.execute(
+                "DELETE FROM history WHERE conversation IN "
+                "(SELECT conversation FROM history ORDER BY updated_at DESC LIMIT -1 OFFSET ?)",
+                (self.max_users,),
+            )
+            db.execute(
+                "DELETE FROM followers WHERE alive_until < ? AND follower NOT IN "
+                "(SELECT follower FROM tasks WHERE state = 'pending')",
+                (now - TASK_TTL,),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _keyed_task(self, db: sqlite3.Connection, key: IdempotencyKey) -> TaskRecord | None:
+        row = db.execute("SELECT fingerprint, task_id FROM idempotency WHERE scope = ?", (key.scope,)).fetchone()
+        if row is None:
+            return None
+        task = db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (row["task_id"],)).fetchone()
+        if task is None:
+            return None  # the task is gone: the key is free again
+        if row["fingerprint"] != key.fingerprint:
+            raise IdempotencyConflict()
+        return task_record(task)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE) so it never has to be retried."""
+        with self._lock, _unavailable_on_error():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _run(self, sql: str, parameters: tuple) -> int:
+        with self._lock, _unavailable_on_error():
+            return self._db.execute(sql, parameters).rowcount
+
+    def _one(self, sql: str, parameters: tuple) -> sqlite3.Row | None:
+        with self._lock, _unavailable_on_error():
+            return self._db.execute(sql, parameters).fetchone()
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """Open (creating if need be) the database at `path` and bring its schema up to date."""
+    if path != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.row_factory = _row_as_dict
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    migrate(db)
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()["user_version"]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"the database has schema version {version}, newer than this release knows ({SCHEMA_VERSION})"
+            )
+        for script in MIGRATIONS[version:]:
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _row_as_dict(cursor: sqlite3.Cursor, row: tuple) -> dict:
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+@contextmanager
+def _unavailable_on_error() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as error:  # locked past the busy time-out, disk full, file gone
+        raise StoreUnavailable(str(error)) from None
