@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import requests
@@ -139,3 +140,13 @@ class Service:
         self.process.wait(timeout=30)
         self.log.close()
         return self.log_path.read_text()
+
+    def workers(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children()
+
+    def kill(self) -> None:
+        """A crash: SIGKILL to gunicorn and its workers at once, so nothing gets to clean up."""
+        for process in [psutil.Process(self.process.pid), *self.workers()]:
+            process.kill()
+        self.process.wait(timeout=30)
+        self.log.close()
