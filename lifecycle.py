@@ -105,10 +105,6 @@ class Lifecycle:
         except StoreUnavailable:
             log.warning("could not end this process's lease: its tasks are taken over when it runs out")
 
-    def followed(self) -> int:
-        """How many tasks this process follows now."""
-        return len(self._following)
-
     # -- a generation request --------------------------------------------------------------
 
     def generate(self, wanted: GenerationRequest, owner: str = "") -> TaskRecord:
@@ -193,12 +189,11 @@ class Lifecycle:
         try:
             with self.store.listen(task_id) as woken:
                 following.woken = woken
-                if generation is not None:
-                    self._submit(following, generation)
-                if not following.ended.is_set():
-                    end = self._await_end(following, woken, ask_first=taken_over)
-                    if end is not None:
-                        self._settle(following, end)
+                if generation is not None and not self._submit(following, generation):
+                    return
+                end = self._await_end(following, woken, ask_first=taken_over)
+                if end is not None:
+                    self._settle(following, end)
         except Exception:
             log.exception("following task %s broke off; it is followed again in %gs", task_id, FOLLOWER_LEASE)
             threading.Timer(FOLLOWER_LEASE, self._follow, args=(following.record,), kwargs={"taken_over": True}).start()
@@ -207,22 +202,24 @@ class Lifecycle:
                 self._following.pop(task_id, None)
             following.ended.set()
 
-    def _submit(self, following: Following, generation: Generation) -> None:
+    def _submit(self, following: Following, generation: Generation) -> bool:
+        """Submit the task; False when the upstream refused it (then nothing was made, and it has ended)."""
         record = following.record
         try:
             task = self.client.submit(generation, self._callback_url(record))
         except SubmissionUncertain as unknown:
             following.record = replace(record, error_message=unknown.message)
-            return  # the task may exist: _await_end waits for its callback, or calls it unconfirmed
+            return True  # the task may exist: _await_end waits for its callback, or calls it unconfirmed
         except NanoBananaError as refused:
             following.refusal = refused
             self._settle(following, settled(record, "failed", refused.code, refused.message))
             if following.key is not None:
                 self._quietly(self.store.release_key, following.key, record.task_id)
-            return
+            return False
         key_id = self.client.keys.key_id(task.key_number)
         following.record = replace(record, upstream_task_id=task.task_id, key_id=key_id, submitted_at=task.submitted_at)
         self._quietly(self.store.submitted, record.task_id, task.task_id, key_id, task.submitted_at)
+        return True
 
     def _await_end(self, following: Following, woken: threading.Event, ask_first: bool) -> TaskRecord | None:
         """Poll on the task's schedule, or be woken, until it ends; None when there is nothing to record."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -96,6 +97,15 @@ def test_a_callback_with_another_tasks_secret_is_ignored(make_client, emulated):
     assert client.post(stolen, json=forged).status_code == 200
     assert client.get(f"/nanobanana/tasks/{first['task_id']}").status_code == 202
     assert client.get(f"/nanobanana/tasks/{second['task_id']}").status_code == 202
+
+
+def test_a_refused_submission_answers_at_once_even_with_callbacks_on(make_client, emulated):
+    client = make_client(poll_interval=1.0, public_base_url="http://service.invalid")  # a 30 s window
+    emulated.keys.update({"key-one": 0, "key-two": 0})
+    started = time.monotonic()
+    answer = generate(client, prompt="a cat")
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "upstream_unavailable"
+    assert time.monotonic() - started < 10  # not held for the window, waiting for a callback that cannot come
 
 
 def test_a_refused_submission_frees_its_idempotency_key(settings, session, emulated, tmp_path):
