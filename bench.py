@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import aiohttp
 import psutil
 import requests
 
-from tests.helpers import free_port
+from tests.helpers import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent
 BENCH_KEY = "bench-key"
@@ -39,7 +40,7 @@ class Result:
     status: int
     started: float
     finished: float
-    task_id: str | None
+    upstream_task_id: str | None  # the emulator knows tasks by this id
 
 
 @dataclass
@@ -63,14 +64,20 @@ def procfile_command() -> list[str]:
 @dataclass(frozen=True)
 class Config:
     command: list[str]
-    env: dict[str, str] = field(default_factory=dict)  # "{service_url}" is filled in
+    env: dict[str, str] = field(default_factory=dict)  # "{service_url}" and "{redis_url}" are filled in
 
-    def environ(self, service_url: str) -> dict[str, str]:
-        return {name: value.format(service_url=service_url) for name, value in self.env.items()}
+    def environ(self, service_url: str, redis_url: str | None) -> dict[str, str]:
+        return {name: value.format(service_url=service_url, redis_url=redis_url) for name, value in self.env.items()}
+
+    @property
+    def needs_redis(self) -> bool:
+        return any("{redis_url}" in value for value in self.env.values())
 
 
 CONFIGS = {
-    "default": Config(procfile_command()),
+    "default": Config(procfile_command()),  # the SQLite store, in a file
+    # Redis instead of SQLite: a local redis-server, started for the run
+    "redis": Config(procfile_command(), {"REDIS_URL": "{redis_url}"}),
     # the upstream calls back; polling is only the sparse fallback
     "callbacks": Config(procfile_command(), {"PUBLIC_BASE_URL": "{service_url}", "POLL_INTERVAL": "2"}),
     # gunicorn's plain defaults (one sync worker): an empty config keeps ./gunicorn.conf.py from being read.
@@ -78,7 +85,7 @@ CONFIGS = {
     # threads instead of gevent, for the choice of worker model (`--configs default,gthread`)
     "gthread": Config([*procfile_command()[:-1], "--worker-class", "gthread", "--threads", "1024", "app:create_app()"]),
 }
-DEFAULT_CONFIGS = "default,callbacks,sync-baseline"
+DEFAULT_CONFIGS = "default,callbacks,redis,sync-baseline"
 
 
 def wait_ready(url: str, timeout: float = 30.0) -> None:
@@ -138,7 +145,7 @@ async def fire(url: str, count: int, timeout: float) -> list[Result]:
             try:
                 async with session.get(url, params={"prompt": f"bench picture {n}", "user_id": f"bench-{n}"}) as answer:
                     body = await answer.json(content_type=None)
-                    return Result(answer.status, started, time.time(), body.get("task_id"))
+                    return Result(answer.status, started, time.time(), body.get("upstream_task_id"))
             except (TimeoutError, aiohttp.ClientError, ValueError):
                 return Result(0, started, time.time(), None)
 
@@ -146,6 +153,18 @@ async def fire(url: str, count: int, timeout: float) -> list[Result]:
 
 
 def run_config(name: str, config: Config, args: argparse.Namespace, log_dir: Path) -> Figures:
+    if not config.needs_redis:
+        return run_service(name, config, args, log_dir, None)
+    if shutil.which("redis-server") is None:
+        raise SystemExit(f"the {name} configuration needs redis-server (Debian: apt-get install redis-server)")
+    redis_server = RedisServer().start()
+    try:
+        return run_service(name, config, args, log_dir, redis_server.url)
+    finally:
+        redis_server.stop()
+
+
+def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Path, redis_url: str | None) -> Figures:
     emulator_port, service_port = free_port(), free_port()
     emulator_url = f"http://127.0.0.1:{emulator_port}"
     emulator_command = [
@@ -164,8 +183,9 @@ def run_config(name: str, config: Config, args: argparse.Namespace, log_dir: Pat
         POLL_MAX_ATTEMPTS=str(args.poll_max_attempts),
         PORT=str(service_port),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        DATABASE_PATH=str(log_dir / f"{name}.sqlite3"),
     )
-    env.update(config.environ(f"http://127.0.0.1:{service_port}"))
+    env.update(config.environ(f"http://127.0.0.1:{service_port}", redis_url))
     with open(log_dir / f"{name}.log", "w") as log:
         emulator = subprocess.Popen(emulator_command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         service = subprocess.Popen(config.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -197,7 +217,7 @@ def run_config(name: str, config: Config, args: argparse.Namespace, log_dir: Pat
         total=len(results),
         wall=wall,
         latencies=[r.finished - r.started for r in ok],
-        added_delays=[r.finished - report[r.task_id]["ready_at"] for r in ok if r.task_id in report],
+        added_delays=[r.finished - report[r.upstream_task_id]["ready_at"] for r in ok if r.upstream_task_id in report],
         polls=[task["polls"] for task in report.values()],
         peak_rss_mb=sampler.peak_rss / 2**20,
         cpu_ms_per_request=cpu * 1000 / max(1, len(results)),
@@ -246,7 +266,7 @@ def print_table(all_figures: list[Figures], args: argparse.Namespace) -> None:
             f"{polls:>16}{f.peak_rss_mb:>13.0f}{f.cpu_ms_per_request:>12.1f}"
         )
     by_name = {f.name: f for f in all_figures}
-    for name in ("default", "callbacks", "gthread"):
+    for name in ("default", "callbacks", "redis", "gthread"):
         best, base = by_name.get(name), by_name.get("sync-baseline")
         if best and base and base.succeeded:
             ratio = (best.succeeded / best.wall) / (base.succeeded / base.wall)
