@@ -28,6 +28,7 @@ import hashlib
 import heapq
 import html
 import json
+import os
 import re
 import textwrap
 import threading
@@ -82,6 +83,20 @@ class Upstream:
     tasks: dict[str, EmulatedTask] = field(default_factory=dict)
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)  # (path, key, task id)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    state_path: str | None = None  # tasks kept in this file (JSON lines) live on across restarts (demo mode)
+
+    def __post_init__(self):
+        if self.state_path and os.path.exists(self.state_path):
+            with open(self.state_path) as lines:
+                for line in lines:
+                    task = _task_from_state(json.loads(line))
+                    self.tasks[task.task_id] = task
+
+    def keep(self, task: EmulatedTask) -> None:
+        """Write a new task to the state file, if there is one."""
+        if self.state_path:
+            with open(self.state_path, "a") as lines:
+                lines.write(json.dumps(_task_state(task)) + "\n")
 
     def polls_of(self, task_id: str) -> int:
         with self.lock:
@@ -140,6 +155,7 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
                 upstream.keys[key] -= count
             task = new_task(endpoint, key, body, markers, count)
             upstream.tasks[task.task_id] = task
+            upstream.keep(task)
             upstream.calls[call_index] = (request.path, key, task.task_id)
         callbacks.schedule(task, upstream)
         if "submit-hang" in markers:
@@ -206,6 +222,28 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
         return Response(placeholder_svg(task, number), mimetype="image/svg+xml")
 
     return app
+
+
+def _task_state(task: EmulatedTask) -> dict:
+    """A task as JSON, its times on the wall clock (monotonic times mean nothing to another process)."""
+    state = {name: getattr(task, name) for name in ("task_id", "key", "endpoint", "params", "image_urls", "markers")}
+    offset = time.time() - time.monotonic()
+    return {**state, "flag": task.flag_when_done, "created": task.created + offset, "ready": task.ready_at + offset}
+
+
+def _task_from_state(state: dict) -> EmulatedTask:
+    offset = time.time() - time.monotonic()
+    return EmulatedTask(
+        state["task_id"],
+        state["key"],
+        state["endpoint"],
+        state["params"],
+        state["created"] - offset,
+        state["ready"] - offset,
+        state["flag"],
+        state["image_urls"],
+        state["markers"],
+    )
 
 
 def validate(endpoint: str, body: dict) -> tuple[int, str] | None:
@@ -369,6 +407,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--delay", type=float, default=3.0, help="seconds a generation takes")
     parser.add_argument("--key", action="append", default=[], help="NAME=CREDITS; repeat; none: any key works")
+    parser.add_argument("--state", help="a file that keeps the tasks across restarts (JSON lines)")
     args = parser.parse_args()
 
     from gunicorn.app.base import BaseApplication
@@ -384,7 +423,7 @@ def main() -> None:
             self.cfg.set("control_socket_disable", True)
 
         def load(self):  # in the worker, after gevent has patched the standard library
-            return create_emulator(Upstream(delay=args.delay, keys=parse_keys(args.key)))
+            return create_emulator(Upstream(delay=args.delay, keys=parse_keys(args.key), state_path=args.state))
 
     print(f"NanoBanana emulator on http://{args.host}:{args.port} (generation {args.delay:g} s)", flush=True)
     EmulatorServer().run()

@@ -34,7 +34,11 @@ def main() -> None:
     if not settings.configured:
         emulator_port = settings.port + 1
         emulator_base = f"http://127.0.0.1:{emulator_port}"
-        emulator = subprocess.Popen([sys.executable, "emulator.py", "--port", str(emulator_port), "--delay", "3"])
+        command = [sys.executable, "emulator.py", "--port", str(emulator_port), "--delay", "3"]
+        if settings.database_path != ":memory:":  # its pictures kept beside the service's records, for restarts
+            folder = os.path.dirname(os.path.abspath(settings.database_path))
+            command += ["--state", os.path.join(folder, "emulator-tasks.jsonl")]
+        emulator = subprocess.Popen(command)
         env.update(API_KEYS_1="demo-key", NANOBANANA_API_BASE=emulator_base)
         print(DEMO_BANNER.format(emulator=emulator_base, port=settings.port), flush=True)
     command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]

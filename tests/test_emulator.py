@@ -136,3 +136,15 @@ def test_callback_twice_and_never(emulator, receiver):
     wait_until(lambda: len(received) == 2)
     wait_until(lambda: record_info(url, never)["data"]["successFlag"] == 1)
     assert [body["data"]["taskId"] for body in received] == [twice, twice]
+
+
+def test_with_a_state_file_tasks_and_pictures_outlive_a_restart(tmp_path):
+    state = str(tmp_path / "emulator-tasks.jsonl")
+    with serving(create_emulator(Upstream(delay=0.1, state_path=state))) as url:
+        task_id = submit(url, prompt="a lasting lighthouse")["data"]["taskId"]
+        wait_until(lambda: record_info(url, task_id)["data"]["successFlag"] == 1)
+        picture_url = record_info(url, task_id)["data"]["response"]["resultImageUrl"]
+    with serving(create_emulator(Upstream(delay=0.1, state_path=state))) as url:  # started again
+        assert record_info(url, task_id)["data"]["successFlag"] == 1
+        path = picture_url.split("/files/", 1)[1]
+        assert "a lasting lighthouse" in requests.get(f"{url}/files/{path}", timeout=5).text
