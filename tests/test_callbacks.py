@@ -7,6 +7,8 @@ import requests
 
 from tests.helpers import Service, emulated_upstream, free_port, wait_until
 
+pytestmark = pytest.mark.slow
+
 KEY = "callback-key"
 
 

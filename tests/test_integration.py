@@ -11,6 +11,8 @@ import requests
 
 from tests.helpers import Service, emulated_upstream, wait_until
 
+pytestmark = pytest.mark.slow
+
 EMPTY_KEY = secrets.token_hex(16)  # a key without credits, tried first
 GOOD_KEY = secrets.token_hex(16)
 

@@ -53,6 +53,7 @@ def live_service(tmp_path_factory):
         running.stop()
 
 
+@pytest.mark.slow
 def test_live_service_conforms_to_its_document(live_service, tmp_path):
     checks = ",".join(
         [

@@ -9,6 +9,8 @@ import pytest
 
 from tests.helpers import Service, emulated_upstream
 
+pytestmark = pytest.mark.slow
+
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 

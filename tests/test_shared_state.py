@@ -10,6 +10,8 @@ import requests
 
 from tests.helpers import Service, emulated_upstream, wait_until
 
+pytestmark = pytest.mark.slow
+
 KEY = "shared-state-key"
 
 

@@ -42,7 +42,7 @@ def redis_store(redis_server, clock):
     store.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
 def store(request) -> Store:
     """The behaviour every store shares, checked on each of them."""
     return request.getfixturevalue(f"{request.param}_store")
@@ -283,6 +283,7 @@ def test_claim_poll_once_per_interval(sqlite_store, clock):
     assert sqlite_store.claim_poll("t1", 2.0)
 
 
+@pytest.mark.slow
 def test_redis_claim_poll_once_per_interval(redis_store):
     new_task(redis_store, "t1")
     assert redis_store.claim_poll("t1", 0.2)
@@ -360,6 +361,7 @@ def test_tasks_and_keys_are_kept_a_day(sqlite_store, clock):
     assert sqlite_store.task("new") is not None
 
 
+@pytest.mark.slow
 def test_redis_keys_expire_by_themselves(redis_store):
     new_task(redis_store, "t1")
     complete(redis_store, "t1", "success", "https://f.test/1.png")
@@ -367,6 +369,7 @@ def test_redis_keys_expire_by_themselves(redis_store):
     assert 0 < redis_store.redis.ttl(redis_store._key("task:", "t1")) <= 24 * 3600
 
 
+@pytest.mark.slow
 def test_redis_away_is_store_unavailable_then_recovers(redis_server):
     store = RedisStore(redis_server.url, history_ttl=3600)
     new_task(store, "t1")
@@ -382,6 +385,7 @@ def test_redis_away_is_store_unavailable_then_recovers(redis_server):
     store.close()
 
 
+@pytest.mark.slow
 def test_redis_pool_waits_for_a_free_connection_instead_of_failing(redis_server):
     store = RedisStore(redis_server.url, history_ttl=3600)
     held = [store.pool.get_connection() for _ in range(store.pool.max_connections)]
