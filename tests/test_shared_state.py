@@ -79,14 +79,16 @@ def test_late_result_completed_by_one_is_visible_to_all(instances):
     assert first.get("/nanobanana/history/owl").json()["last_image_url"] == done.json()["image_url"]
 
 
-def test_redis_away_gives_503_then_recovers(instances, redis_server):
+def test_redis_away_gives_503_spends_nothing_then_recovers(instances, redis_server, upstream):
     instance = instances[0]
     redis_server.stop()
     try:
-        for answer in (generate(instance, prompt="a cat", user_id="lost"), instance.get("/nanobanana/history/lost")):
+        unrecorded = generate(instance, prompt="an unrecorded cat", user_id="lost")
+        for answer in (unrecorded, instance.get("/nanobanana/history/lost")):
             assert answer.status_code == 503
             assert answer.json()["error"]["code"] == "store_unavailable"
             assert "Traceback" not in answer.text
+        assert not [t for t in upstream.tasks.values() if "unrecorded" in t.params["prompt"]]  # no charge
     finally:
         redis_server.start()
     assert wait_until(lambda: generate(instance, prompt="a cat", user_id="found").status_code == 200, timeout=10)
