@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Callable, Mapping, Sequence
 
-from flask import Flask, g, request
+from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
 
 from config import Settings
@@ -21,6 +22,8 @@ OPEN_ENDPOINTS = {
     "static",
 }
 GENERATE_ENDPOINT = "nanobanana.generate"
+# Answers that spent nothing upstream, though they are 5xx: they do not count against RATE_LIMIT.
+NOTHING_SPENT = ("not_configured", "store_unavailable", "internal_error")
 
 RequestValues = Callable[[], Mapping[str, Sequence[str]]]
 
@@ -78,15 +81,28 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, stora
         app=app,
         storage_uri=settings.redis_url or "memory://",
         storage_options=storage,
-        headers_enabled=True,
+        headers_enabled=False,  # only the 429 says when to come back (Retry-After), see retry_after()
         key_prefix="nanobanana-limits",
         enabled=settings.rate_limit is not None,
         # Redis away: count in memory meanwhile; the request itself then gets the store's clear 503.
         in_memory_fallback_enabled=True,
         swallow_errors=True,
     )
+    app.extensions["limiter_instance"] = limiter
     limiter.request_filter(lambda: request.endpoint != GENERATE_ENDPOINT)  # others skip the limiter at once
     if settings.rate_limit:
-        app.view_functions[GENERATE_ENDPOINT] = limiter.limit(settings.rate_limit)(
-            app.view_functions[GENERATE_ENDPOINT]
-        )
+        limited = limiter.limit(settings.rate_limit, deduct_when=counts_against_limit)
+        app.view_functions[GENERATE_ENDPOINT] = limited(app.view_functions[GENERATE_ENDPOINT])
+
+
+def counts_against_limit(response: Response) -> bool:
+    """A request counts if it reached the image service: refused requests (4xx) and our own outages do not."""
+    if response.status_code < 400:
+        return True
+    return response.status_code >= 500 and g.get("error_code") not in NOTHING_SPENT
+
+
+def retry_after() -> int:
+    """Seconds until the limit the current request broke lets it through again."""
+    limit = current_app.extensions["limiter_instance"].current_limit
+    return max(1, round(limit.reset_at - time.time())) if limit else 60

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 from flask import Blueprint, Flask, current_app, g, jsonify, make_response, redirect, render_template, request, url_for
+from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import openapi
 import telemetry
-from access import Unauthorized, init_access
+from access import Unauthorized, init_access, retry_after
 from callbacks import MAX_BODY_BYTES, BodyTooLarge, CallbackReceiver
 from config import Settings, load_settings
 from lifecycle import Lifecycle, NotConfigured, conversation_key
 from nanobanana_client import NanoBananaClient, NanoBananaError, UpstreamRejected, UpstreamUnavailable
-from params import InvalidParameter, parse_format, parse_generation, parse_user_id
+from params import InvalidParameter, json_values, parse_format, parse_generation, parse_user_id
 from store import IdempotencyConflict, Store, StoreUnavailable, TaskRecord
 from store_redis import RedisStore
 from store_sqlite import SqliteStore
@@ -24,6 +26,8 @@ from store_sqlite import SqliteStore
 log = logging.getLogger(__name__)
 
 bp = Blueprint("nanobanana", __name__)
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 class ApiError(Exception):
@@ -181,26 +185,38 @@ def _merged_values() -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
     sources = [request.args.to_dict(flat=False)]
     if request.method == "POST":
-        sources.append(request.form.to_dict(flat=False))
-        sources.append(json_body_values())
+        sources.append(body_values())
     for source in sources:
         for name, items in source.items():
             values.setdefault(name, []).extend(items)
     return values
 
 
-def json_body_values() -> dict[str, list[str]]:
-    if not request.is_json:
-        return {}
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise InvalidParameter('The request body must be a JSON object, like {"prompt": "a red apple"}.')
-    return {name: _as_strings(value) for name, value in body.items() if value is not None}
+def body_values() -> dict[str, list[str]]:
+    """The fields of a form or JSON body; a body of another kind is refused, not silently ignored."""
+    if request.is_json:
+        raw = request.get_data(cache=True)
+        return json_values(parse_json(raw)) if raw.strip() else {}
+    if request.mimetype in FORM_TYPES:
+        return request.form.to_dict(flat=False)
+    if request.content_length or request.get_data(cache=True):
+        sent_as = request.mimetype or "without a Content-Type"
+        raise InvalidParameter(
+            f"The body was sent {'as ' + sent_as if request.mimetype else sent_as}; send it as JSON "
+            "(Content-Type: application/json) or as a form (Content-Type: application/x-www-form-urlencoded)."
+        )
+    return {}
 
 
-def _as_strings(value) -> list[str]:
-    items = value if isinstance(value, list) else [value]
-    return [str(item).lower() if isinstance(item, bool) else str(item) for item in items if item is not None]
+def parse_json(raw: bytes):
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        where = f" ({error.msg} at line {error.lineno}, column {error.colno})" if hasattr(error, "msg") else ""
+        raise InvalidParameter(
+            f"The request body is not valid JSON{where}. Check its quotes, commas and brackets, "
+            'like {"prompt": "a red apple"}.'
+        ) from None
 
 
 def checked_user_id(user_id: str) -> str:
@@ -293,13 +309,20 @@ HTTP_ERRORS = {
 
 def handle_error(error: Exception):
     api_error = to_api_error(error)
-    if g.get("response_format") == "text":
+    g.error_code = api_error.code
+    if requested_format() == "text":
         response = text_response(api_error.message + "\n", api_error.status)
     else:
         response = jsonify(error_body(api_error))
         response.status_code = api_error.status
     response.headers.update(api_error.headers)
     return response
+
+
+def requested_format() -> str:
+    """The answer's format, also for errors raised before the route read its parameters (429, 413)."""
+    chosen = g.get("response_format") or request.args.get("format", "")
+    return "text" if chosen.strip().lower() == "text" else "json"
 
 
 def describe_error(error: Exception) -> tuple[int, dict]:
@@ -347,6 +370,8 @@ def to_api_error(error: Exception) -> ApiError:
             "Please try again in a minute."
         )
         return ApiError(503, "store_unavailable", message, {"Retry-After": "30"})
+    if isinstance(error, RateLimitExceeded):
+        return ApiError(429, *HTTP_ERRORS[429], {"Retry-After": str(retry_after())})
     if isinstance(error, HTTPException):
         return http_api_error(error)
     log.exception("unexpected error", exc_info=error)

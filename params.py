@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from nanobanana_client import Generation
@@ -34,6 +35,11 @@ IMAGE_URL_NAMES = ("image_url", "image", "imageUrl", "image_urls")
 USER_ID_NAMES = ("user_id", "user", "userId")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
+# What each field of a JSON body must be (CONTRACT §2); fields not named here are not read.
+TEXT_FIELDS = ("prompt", "model", "resolution", "aspect_ratio", "format", "token", "idempotency_key", *USER_ID_NAMES)
+WHOLE_NUMBER_FIELDS = ("num_images",)
+NUMBER_FIELDS = ("wait",)
+FLAG_FIELDS = ("reset",)
 
 
 class InvalidParameter(ValueError):
@@ -51,6 +57,52 @@ class GenerationRequest:
     reset: bool
     wait: float
     idempotency_key: str | None = None
+
+
+def json_values(body: Any) -> dict[str, list[str]]:
+    """A JSON body's fields, each checked for the type it names, as the same mapping the query gives."""
+    if not isinstance(body, dict):
+        raise InvalidParameter('The request body must be a JSON object, like {"prompt": "a red apple"}.')
+    return {name: _json_field(name, value) for name, value in body.items() if value is not None and _known(name)}
+
+
+def _known(name: str) -> bool:
+    return name in (*TEXT_FIELDS, *IMAGE_URL_NAMES, *WHOLE_NUMBER_FIELDS, *NUMBER_FIELDS, *FLAG_FIELDS)
+
+
+def _json_field(name: str, value: Any) -> list[str]:
+    if name in IMAGE_URL_NAMES:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) for item in items):
+            raise InvalidParameter(
+                f'{name} must be a web address or a list of them, like ["https://example.com/a.png"].'
+            )
+        return [_text(name, item) for item in items]
+    if name in WHOLE_NUMBER_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidParameter(f"{name} must be a whole number, like 2.")
+        return [str(value)]
+    if name in NUMBER_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise InvalidParameter(f"{name} must be a number of seconds, like 10.")
+        return [str(value)]
+    if name in FLAG_FIELDS:
+        if not isinstance(value, (bool, str)):
+            raise InvalidParameter(f"{name} must be true or false.")
+        return [str(value).lower()]
+    if not isinstance(value, str):
+        raise InvalidParameter(f'{name} must be text (a JSON string), like "{name}": "a red apple".')
+    return [_text(name, value)]
+
+
+def _text(name: str, value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParameter(
+            f"{name} holds something that is not text (a lone surrogate); send it as UTF-8."
+        ) from None
+    return value
 
 
 def parse_format(values: Values) -> str:

@@ -84,6 +84,37 @@ def test_rate_limit_per_user(limited, emulated):
     assert generate(limited, prompt="a cat", user_id="patient").status_code == 200
 
 
+def test_rate_limit_headers_only_on_the_429(limited):
+    answers = [generate(limited, prompt="[delay=1] a cat", user_id="counted", wait="0") for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [202, 202, 429]
+    for answer in answers[:2]:
+        assert not [name for name, _ in answer.headers if name.lower().startswith(("x-ratelimit", "retry-after"))]
+    assert "Retry-After" in answers[2].headers
+
+
+def test_refused_requests_do_not_count_against_the_limit(limited, settings, session):
+    for params in ({"prompt": "a cat", "format": "xml"}, {"prompt": ""}, {"prompt": "a", "num_images": "9"}):
+        for _ in range(2):
+            assert generate(limited, user_id="clumsy", **params).status_code == 400
+    too_large = limited.post("/nanobanana?user_id=clumsy", data={"prompt": "x" * (1024 * 1024 + 1)})
+    assert too_large.status_code == 413
+    assert [generate(limited, prompt="a cat", user_id="clumsy").status_code for _ in range(3)] == [200, 200, 429]
+    guarded = create_app(replace(settings, rate_limit="2/minute", access_tokens=("t",)), session=session).test_client()
+    assert [generate(guarded, prompt="a cat", user_id="u").status_code for _ in range(3)] == [401, 401, 401]
+    assert generate(guarded, {"Authorization": "Bearer t"}, prompt="a cat", user_id="u").status_code == 200
+
+
+def test_429_and_413_honour_format_text(limited):
+    for _ in range(2):
+        generate(limited, prompt="a cat", user_id="texty")
+    limited_answer = generate(limited, prompt="a cat", user_id="texty", format="text")
+    assert limited_answer.status_code == 429 and limited_answer.mimetype == "text/plain"
+    assert limited_answer.text.startswith("Too many pictures")
+    large = limited.post("/nanobanana?format=text", data={"prompt": "x" * (1024 * 1024 + 1)})
+    assert large.status_code == 413 and large.mimetype == "text/plain"
+    assert "1 MiB" in large.text
+
+
 def test_rate_limit_per_client_address_behind_one_proxy(limited):
     def from_address(address):
         return limited.get("/nanobanana?prompt=a+cat", headers={"X-Forwarded-For": address})

@@ -321,6 +321,56 @@ def test_bad_input_is_400_naming_the_parameter(client, emulated, params, mention
     assert emulated.submissions() == []  # no credits spent on a bad request
 
 
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": {"text": "a cat"}}, "prompt"),
+        ({"prompt": ["a cat", "a dog"]}, "prompt"),
+        ({"prompt": True}, "prompt"),
+        ({"prompt": "a cat", "model": 2}, "model"),
+        ({"prompt": "a cat", "user_id": 42}, "user_id"),
+        ({"prompt": "a cat", "num_images": "2"}, "num_images"),
+        ({"prompt": "a cat", "num_images": 2.5}, "num_images"),
+        ({"prompt": "a cat", "num_images": True}, "num_images"),
+        ({"prompt": "a cat", "image_url": [1, 2]}, "image_url"),
+        ({"prompt": "a cat", "image_url": {"url": "https://x.test/a.png"}}, "image_url"),
+        ({"prompt": "a cat", "wait": [1]}, "wait"),
+        ({"prompt": "a cat", "reset": 1}, "reset"),
+    ],
+)
+def test_json_fields_of_the_wrong_type_are_400_naming_the_field(client, emulated, body, field):
+    answer = client.post("/nanobanana", json=body)
+    assert answer.status_code == 400 and answer.json["error"]["message"].startswith(field)
+    assert emulated.submissions() == []
+
+
+def test_json_fields_of_the_right_types_are_read(client, emulated):
+    body = {"prompt": "a cat", "num_images": 2, "wait": 5, "reset": True, "image_url": ["https://x.test/a.png"]}
+    answer = client.post("/nanobanana", json=body)
+    assert answer.status_code == 200 and len(answer.json["image_urls"]) == 2
+
+
+def test_a_lone_surrogate_is_400_not_a_crash(client, emulated):
+    answer = client.post(
+        "/nanobanana", data=b'{"prompt": "a cat \\ud800", "user_id": "u"}', content_type="application/json"
+    )
+    assert answer.status_code == 400 and answer.json["error"]["message"].startswith("prompt")
+    assert emulated.submissions() == []
+
+
+def test_json_that_does_not_parse_says_where(client):
+    answer = client.post("/nanobanana", data=b'{"prompt": "a cat",}', content_type="application/json")
+    assert answer.status_code == 400
+    assert "not valid JSON" in answer.json["error"]["message"] and "line 1, column" in answer.json["error"]["message"]
+
+
+def test_a_body_of_another_kind_is_refused_with_what_to_send(client, emulated):
+    answer = client.post("/nanobanana", data=b'{"prompt": "a cat"}', content_type="text/plain")
+    assert answer.status_code == 400
+    assert "text/plain" in answer.json["error"]["message"] and "application/json" in answer.json["error"]["message"]
+    assert emulated.submissions() == []
+
+
 def test_json_body_must_be_an_object(client):
     answer = client.post("/nanobanana", json=["a cat"])
     assert answer.status_code == 400 and "JSON object" in answer.json["error"]["message"]
