@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     store = store or open_store(settings)
     lifecycle = Lifecycle(settings, client, store)
     app.extensions["lifecycle"] = lifecycle
-    proxied = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)
+    hops = settings.proxy_hops
+    proxied = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     app.wsgi_app = CallbackReceiver(proxied, lifecycle, metrics, describe_error)
     app.register_blueprint(bp)
     limiter_storage = {"connection_pool": store.pool} if isinstance(store, RedisStore) else {}
@@ -162,13 +163,18 @@ def openapi_document():
 
 @bp.get("/healthz")
 def healthz():
+    """200 while the service can record generations; 503 "degraded" while its store cannot be reached."""
     settings = lifecycle().settings
-    return {
-        "status": "ok",
+    store_ok = lifecycle().store.ping()
+    body = {
+        "status": "ok" if store_ok else "degraded",
         "configured": settings.configured,
         "api_keys": len(settings.api_keys),
         "store": settings.store_name,
+        "store_ok": store_ok,
+        "demo": settings.demo,
     }
+    return body, 200 if store_ok else 503
 
 
 # -- reading requests ------------------------------------------------------------------

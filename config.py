@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import limits
 from dotenv import dotenv_values
@@ -37,6 +38,7 @@ class Settings:
     redis_url: str | None = None
     database_path: str = DEFAULT_DATABASE_PATH  # the SQLite store, when there is no REDIS_URL
     public_base_url: str | None = None
+    proxy_hops: int = 1  # proxies in front that add X-Forwarded-*; 0: those headers are ignored
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
@@ -72,6 +74,11 @@ class Settings:
         return f"Settings(api_keys=<{len(self.api_keys)} keys>, api_base={self.api_base!r}, store={self.store_name!r})"
 
     @property
+    def demo(self) -> bool:
+        """The upstream runs on this machine: the bundled emulator (demo mode, tests, benchmarks)."""
+        return urlsplit(self.api_base).hostname in ("127.0.0.1", "localhost", "::1")
+
+    @property
     def store_name(self) -> str:
         return "redis" if self.redis_url else "sqlite"
 
@@ -104,6 +111,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         redis_url=redis_url,
         database_path=_text(env, "DATABASE_PATH", DEFAULT_DATABASE_PATH),
         public_base_url=_url(env, "PUBLIC_BASE_URL", None),
+        proxy_hops=_integer(env, "PROXY_HOPS", 1, minimum=0, maximum=10),
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,

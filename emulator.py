@@ -368,7 +368,7 @@ class CallbackSender:
 
 def placeholder_svg(task: EmulatedTask, number: int) -> str:
     """A picture that shows its prompt, and for an edit the pictures it was made from."""
-    prompt = MARKER.sub("", task.params.get("prompt", "")).strip()
+    prompt = xml_text(MARKER.sub("", task.params.get("prompt", "")).strip())
     words = prompt.lower().split()
     colour = next((COLOURS[w] for w in words if w in COLOURS), None)
     colour = colour or "#" + hashlib.sha256(prompt.encode()).hexdigest()[:6]
@@ -377,7 +377,7 @@ def placeholder_svg(task: EmulatedTask, number: int) -> str:
     if sources:
         lines += ["", f"edited from {len(sources)} picture(s):"]
         names = [url.rstrip("/").rsplit("/files/", 1)[-1] for url in sources[:4]]
-        lines += [name if len(name) <= 30 else name[:29] + "…" for name in names]
+        lines += [xml_text(name if len(name) <= 30 else name[:29] + "…") for name in names]
     text = "".join(
         f'<text x="32" y="{80 + 34 * i}" font-size="26">{html.escape(line)}</text>' for i, line in enumerate(lines)
     )
@@ -388,6 +388,15 @@ def placeholder_svg(task: EmulatedTask, number: int) -> str:
         f'<g font-family="sans-serif" fill="#111">{text}'
         f'<text x="32" y="480" font-size="16" fill="#555">NanoBanana emulator · image {number + 1}</text></g></svg>'
     )
+
+
+def xml_text(text: str) -> str:
+    """The text with what XML 1.0 cannot hold (NUL and other controls, lone surrogates) made a visible "?"."""
+    return "".join("?" if _not_xml(c) else c for c in text)
+
+
+def _not_xml(c: str) -> bool:
+    return (c < " " and c not in "\t\n\r") or "\ud800" <= c <= "\udfff" or c in "\ufffe\uffff"
 
 
 def parse_keys(pairs: list[str]) -> dict[str, float] | None:

@@ -11,12 +11,21 @@ killed for being slow, and a restart lets waiting requests finish (graceful_time
 
 import logging
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
 
-from config import ConfigError, load_settings
-from store_sqlite import open_database
+# Every worker writes its metrics to this folder, and /metrics adds them up (prometheus-client multiprocess
+# mode); a fresh folder per start, so counts of an earlier run never leak in, removed when the service stops.
+# Set before prometheus_client is first imported (by telemetry), which reads it then.
+METRICS_PREFIX = "nanobanana-metrics-"
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+
+from config import ConfigError, load_settings  # noqa: E402
+from store_sqlite import open_database  # noqa: E402
+from telemetry import OneLineFormatter  # noqa: E402
 
 try:
     settings = load_settings()
@@ -27,11 +36,9 @@ except ConfigError as error:
 except sqlite3.Error as error:
     sys.exit(f"Configuration error: DATABASE_PATH={settings.database_path!r} cannot be used: {error}")
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-# Every worker writes its metrics to this folder, and /metrics adds them up (prometheus-client multiprocess
-# mode); a fresh folder per start, so counts of an earlier run never leak in.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="nanobanana-metrics-"))
+log_handler = logging.StreamHandler()
+log_handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+logging.basicConfig(level=logging.INFO, handlers=[log_handler])
 
 bind = f"0.0.0.0:{settings.port}"
 workers = settings.web_concurrency
@@ -43,6 +50,8 @@ graceful_timeout = int(settings.polling_window + settings.submit_read_timeout + 
 # request-line limit would answer it with an HTML error page. 0 lifts the limit.
 limit_request_line = 0
 accesslog = None  # the app writes its own, cheaper line per request
+# X-Forwarded-* are the app's business (PROXY_HOPS); gunicorn must not take the scheme from them too.
+secure_scheme_headers = {}
 # gunicorn's control socket lives at one path per user; instances on one machine would share it.
 control_socket_disable = True
 
@@ -57,6 +66,13 @@ def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     if app is not None:
         app.extensions["lifecycle"].stop()
+
+
+def on_exit(server):
+    """Remove the metrics folder this start made (one given in the environment is the owner's to keep)."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if os.path.basename(folder).startswith(METRICS_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def child_exit(server, worker):

@@ -255,12 +255,14 @@ SCHEMAS = {
     },
     "Health": {
         "type": "object",
-        "required": ["status", "configured", "api_keys", "store"],
+        "required": ["status", "configured", "api_keys", "store", "store_ok", "demo"],
         "properties": {
-            "status": {"const": "ok"},
+            "status": {"enum": ["ok", "degraded"]},
             "configured": {"type": "boolean"},
             "api_keys": {"type": "integer", "minimum": 0},
             "store": {"enum": ["sqlite", "redis"]},
+            "store_ok": {"type": "boolean"},
+            "demo": {"type": "boolean", "description": "The upstream is the bundled emulator"},
         },
     },
     "Callback": {
@@ -375,7 +377,10 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 "summary": "Liveness and configuration, never a secret",
                 "operationId": "health",
                 "security": [],
-                "responses": {"200": json_response("Healthy", ref("Health"))},
+                "responses": {
+                    "200": json_response("Healthy", ref("Health")),
+                    "503": json_response("Degraded: the store cannot be reached", ref("Health")),
+                },
             }
         },
         "/metrics": {

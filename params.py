@@ -180,7 +180,12 @@ def _image_urls(values: Values, model: str) -> tuple[str, ...]:
     ]
     for url in urls:
         parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.netloc or any(c.isspace() for c in url):
+        if any(c.isspace() for c in url):
+            raise InvalidParameter(
+                f"image_url {_quote(url)} has a space in it, and a web address has none; "
+                "write each space as %20, or copy the address again from the browser."
+            )
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
             raise InvalidParameter(
                 f"image_url {_quote(url)} is not a web address; use a link that starts with http:// or https://."
             )

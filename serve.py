@@ -1,10 +1,14 @@
 """`make run`: the service on http://127.0.0.1:PORT under gunicorn, as the Procfile runs it.
 
 With an API key configured it talks to the real upstream. Without one it starts the bundled
-emulator beside it and runs in demo mode, saying so loudly.
+emulator beside it and runs in demo mode, saying so loudly. Stopping it (Ctrl+C, or SIGTERM)
+stops everything it started.
 """
 
+import errno
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -24,32 +28,74 @@ DEMO_BANNER = """
 """
 
 
+class Stop(Exception):
+    """SIGTERM: stop like Ctrl+C does."""
+
+
 def main() -> None:
     try:
         settings = load_settings()
     except ConfigError as error:
         sys.exit(f"Configuration error: {error}")
-    env = dict(os.environ)
-    emulator = None
-    if not settings.configured:
-        emulator_port = settings.port + 1
-        emulator_base = f"http://127.0.0.1:{emulator_port}"
-        command = [sys.executable, "emulator.py", "--port", str(emulator_port), "--delay", "3"]
-        if settings.database_path != ":memory:":  # its pictures kept beside the service's records, for restarts
-            folder = os.path.dirname(os.path.abspath(settings.database_path))
-            command += ["--state", os.path.join(folder, "emulator-tasks.jsonl")]
-        emulator = subprocess.Popen(command)
-        env.update(API_KEYS_1="demo-key", NANOBANANA_API_BASE=emulator_base)
-        print(DEMO_BANNER.format(emulator=emulator_base, port=settings.port), flush=True)
-    command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
-    command += ["--bind", f"127.0.0.1:{settings.port}", "app:create_app()"]
+    demo = not settings.configured
+    for port in [settings.port, settings.port + 1] if demo else [settings.port]:
+        if in_use(port):
+            sys.exit(
+                f"Port {port} is already in use (another `make run`?). Stop that, or choose a port: PORT=8080 make run"
+            )
+    signal.signal(signal.SIGTERM, stop)
+    started: list[subprocess.Popen] = []
+    code = 0
     try:
-        subprocess.run(command, env=env)
-    except KeyboardInterrupt:
-        pass
+        env = dict(os.environ)
+        if demo:
+            emulator_base = f"http://127.0.0.1:{settings.port + 1}"
+            started.append(subprocess.Popen(emulator_command(settings)))
+            env.update(API_KEYS_1="demo-key", NANOBANANA_API_BASE=emulator_base)
+            print(DEMO_BANNER.format(emulator=emulator_base, port=settings.port), flush=True)
+        command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
+        started.append(
+            subprocess.Popen([*command, "--bind", f"127.0.0.1:{settings.port}", "app:create_app()"], env=env)
+        )
+        code = started[-1].wait()
+    except (KeyboardInterrupt, Stop):
+        code = 0
     finally:
-        if emulator:
-            emulator.terminate()
+        for process in reversed(started):
+            end(process)
+    sys.exit(code)
+
+
+def emulator_command(settings) -> list[str]:
+    command = [sys.executable, "emulator.py", "--port", str(settings.port + 1), "--delay", "3"]
+    if settings.database_path != ":memory:":  # its pictures kept beside the service's records, for restarts
+        folder = os.path.dirname(os.path.abspath(settings.database_path))
+        command += ["--state", os.path.join(folder, "emulator-tasks.jsonl")]
+    return command
+
+
+def in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+def stop(signum, frame) -> None:
+    raise Stop()
+
+
+def end(process: subprocess.Popen) -> None:
+    """Stop a child gracefully (it lets waiting requests finish); at once if asked again, or after a while."""
+    try:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=120)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt, Stop):
+        process.kill()
+        process.wait()
 
 
 if __name__ == "__main__":

@@ -50,16 +50,35 @@ class Metrics:
     def answered(self, route: str, method: str, path: str, status: int, duration: float, request_id: str, task_id):
         """Count a request and write its one log line."""
         self.requests.labels(route, method, str(status)).inc()
-        # The path only: query strings carry prompts, tokens and callback secrets.
+        # The path only: query strings carry prompts, tokens and callback secrets. Shortened: paths are the caller's.
         request_log.info(
             "request_id=%s method=%s path=%s status=%d duration_ms=%.0f task_id=%s",
             request_id,
             method,
-            path,
+            path[:200],
             status,
             duration * 1000,
-            task_id or "-",
+            (task_id or "-")[:100],
         )
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record is one line: control characters in a message (anything a caller sent) are escaped.
+
+    Request paths, task ids, header values and callback bodies reach log messages; a newline or an
+    escape sequence in them must not forge a line or rewrite the terminal. Tracebacks keep their lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """The text with control and other unprintable characters escaped, shortened to `limit` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def request_id(incoming: str) -> str:
@@ -107,4 +126,4 @@ def exposition(app: Flask) -> Response:
         MultiProcessCollector(registry, path=metrics_dir)
     else:
         registry = app.extensions["metrics"].registry
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

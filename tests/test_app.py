@@ -221,7 +221,19 @@ def test_credits_by_key_number_never_the_key(client, emulated):
 
 
 def test_healthz(client):
-    assert client.get("/healthz").json == {"status": "ok", "configured": True, "api_keys": 2, "store": "sqlite"}
+    assert client.get("/healthz").json == {
+        "status": "ok",
+        "configured": True,
+        "api_keys": 2,
+        "store": "sqlite",
+        "store_ok": True,
+        "demo": False,
+    }
+
+
+def test_healthz_says_demo_when_the_upstream_is_the_local_emulator(settings, session):
+    local = create_app(replace(settings, api_base="http://127.0.0.1:9000"), session=session).test_client()
+    assert local.get("/healthz").json["demo"] is True
 
 
 def test_without_keys_generation_is_not_configured(session):

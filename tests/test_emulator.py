@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from xml.etree import ElementTree
 
 import pytest
 import requests
@@ -148,3 +150,17 @@ def test_with_a_state_file_tasks_and_pictures_outlive_a_restart(tmp_path):
         assert record_info(url, task_id)["data"]["successFlag"] == 1
         path = picture_url.split("/files/", 1)[1]
         assert "a lasting lighthouse" in requests.get(f"{url}/files/{path}", timeout=5).text
+
+
+@pytest.mark.parametrize("prompt", ["a cat \ud800 alone", "a cat \x00 with a NUL", "\x1b[31m red \ufffe"])
+def test_any_prompt_makes_a_picture_that_parses(emulator, prompt):
+    url, _ = emulator
+    body = json.dumps({"prompt": prompt, "type": "TEXTTOIAMGE", "callBackUrl": "http://127.0.0.1:9/unused"})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    answer = requests.post(f"{url}/api/v1/nanobanana/generate", data=body, headers=headers, timeout=5).json()
+    task_id = answer["data"]["taskId"]
+    wait_until(lambda: record_info(url, task_id)["data"]["successFlag"] == 1)
+    picture = requests.get(record_info(url, task_id)["data"]["response"]["resultImageUrl"], timeout=5)
+    assert picture.status_code == 200
+    ElementTree.fromstring(picture.content)  # well-formed XML
+    assert "a cat" in picture.text or "red" in picture.text

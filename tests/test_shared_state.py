@@ -89,9 +89,13 @@ def test_redis_away_gives_503_spends_nothing_then_recovers(instances, redis_serv
             assert answer.json()["error"]["code"] == "store_unavailable"
             assert "Traceback" not in answer.text
         assert not [t for t in upstream.tasks.values() if "unrecorded" in t.params["prompt"]]  # no charge
+        health = instance.get("/healthz")
+        assert health.status_code == 503
+        assert (health.json()["status"], health.json()["store_ok"]) == ("degraded", False)
     finally:
         redis_server.start()
     assert wait_until(lambda: generate(instance, prompt="a cat", user_id="found").status_code == 200, timeout=10)
+    assert instance.get("/healthz").json()["store_ok"] is True
 
 
 def requests_answered(instance: Service) -> float:
