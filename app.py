@@ -300,16 +300,22 @@ def iso8601(timestamp: float) -> str:
 
 # -- errors: the one place where exceptions become statuses ----------------------------
 
+INTERNAL_ERROR = "Something went wrong on our side. Please try again in a minute."
+# The code, and the words, for each HTTP error (None: the words the error itself carries).
 HTTP_ERRORS = {
     400: ("invalid_request", "The request could not be read. Please check its parameters and body."),
     404: ("not_found", "There is nothing at this address. Try /nanobanana?prompt=a+red+apple"),
     405: ("method_not_allowed", "This address does not take {method} requests. Use {allowed}."),
+    408: ("request_timeout", None),
     413: ("too_large", "The request body is larger than 1 MiB. Please send a shorter request."),
+    414: ("too_large", None),
     429: (
         "rate_limited",
         "Too many pictures asked for in a short time. Please wait a little and try again "
         "(the Retry-After header says how many seconds).",
     ),
+    431: ("too_large", None),
+    500: ("internal_error", INTERNAL_ERROR),
 }
 
 
@@ -381,14 +387,13 @@ def to_api_error(error: Exception) -> ApiError:
     if isinstance(error, HTTPException):
         return http_api_error(error)
     log.exception("unexpected error", exc_info=error)
-    return ApiError(500, "internal_error", "Something went wrong on our side. Please try again in a minute.")
+    return ApiError(500, "internal_error", INTERNAL_ERROR)
 
 
 def http_api_error(error: HTTPException) -> ApiError:
     status = error.code or 500
-    code, message = HTTP_ERRORS.get(
-        status, ("invalid_request" if status < 500 else "internal_error", error.description)
-    )
+    code, message = HTTP_ERRORS.get(status, ("invalid_request" if status < 500 else "internal_error", None))
+    message = message or error.description
     if status == 405:
         allowed = " or ".join(sorted(set(error.valid_methods or ()) - {"HEAD", "OPTIONS"})) or "GET"
         message = message.format(method=request.method, allowed=allowed)

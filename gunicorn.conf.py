@@ -11,6 +11,7 @@ killed for being slow, and a restart lets waiting requests finish (graceful_time
 
 import logging
 import os
+import resource
 import shutil
 import sqlite3
 import sys
@@ -20,6 +21,8 @@ import tempfile
 # mode); a fresh folder per start, so counts of an earlier run never leak in, removed when the service stops.
 # Set before prometheus_client is first imported (by telemetry), which reads it then.
 METRICS_PREFIX = "nanobanana-metrics-"
+MAX_CONNECTIONS = 15_000  # waiting requests and callbacks; README, The benchmark: 10,000 waiting in one process
+FILES_KEPT_FREE = 3_000  # for connections to the upstream (its pool keeps up to 1,024), Redis, the database
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
 
@@ -36,18 +39,27 @@ except ConfigError as error:
 except sqlite3.Error as error:
     sys.exit(f"Configuration error: DATABASE_PATH={settings.database_path!r} cannot be used: {error}")
 
+
+def connections_per_worker() -> int:
+    """As many as the open-file limit allows (raised to its hard limit), keeping room for upstream calls."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return max(1000, min(MAX_CONNECTIONS, hard - FILES_KEPT_FREE))
+
+
 log_handler = logging.StreamHandler()
 log_handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 logging.basicConfig(level=logging.INFO, handlers=[log_handler])
 
 bind = f"0.0.0.0:{settings.port}"
 workers = settings.web_concurrency
-worker_class = "gevent"
-worker_connections = 2000  # requests one worker holds at once, waiting ones included
-backlog = 2048
+worker_class = "worker.Worker"  # gevent, with the service's own answers at the HTTP edge (worker.py)
+worker_connections = connections_per_worker()  # requests one worker holds at once, waiting ones included
+backlog = 4096
 graceful_timeout = int(settings.polling_window + settings.submit_read_timeout + 10)
-# A GET may carry a 20,000-character prompt, percent-encoded to three times that; gunicorn's 4 KB
-# request-line limit would answer it with an HTML error page. 0 lifts the limit.
+# A GET may carry a 20,000-character prompt, percent-encoded to six times that; gunicorn's own limit stops
+# at 8 KB. 0 lifts it, and worker.py puts its own (REQUEST_LINE_LIMIT) in its place.
 limit_request_line = 0
 accesslog = None  # the app writes its own, cheaper line per request
 # X-Forwarded-* are the app's business (PROXY_HOPS); gunicorn must not take the scheme from them too.

@@ -214,6 +214,7 @@ SCHEMAS = {
                             "upstream_unavailable",
                             "store_unavailable",
                             "idempotency_conflict",
+                            "request_timeout",
                         ]
                     },
                     "message": STRING,

@@ -136,7 +136,8 @@ def test_an_explicit_image_is_edited(page, upstream):
 @pytest.mark.parametrize(
     "prompt, image_url, message",
     [
-        ("a cat", "not a web address", "image_url 'not a web address' is not a web address"),
+        ("a cat", "not a web address", "image_url 'not a web address' has a space in it"),
+        ("a cat", "ftp://x.test/a.png", "image_url 'ftp://x.test/a.png' is not a web address"),
         ("[fail] a cat", "", "The image could not be made"),
         ("", "", "Please write what the picture should show."),
     ],
