@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
+from limits.storage import MemoryStorage
 
 from config import Settings
 from lifecycle import conversation_key
@@ -30,6 +32,24 @@ RequestValues = Callable[[], Mapping[str, Sequence[str]]]
 
 class Unauthorized(Exception):
     """Access tokens are on, and the request has none of them."""
+
+
+class SweptMemoryStorage(MemoryStorage):
+    """limits' in-process counters, swept for expired ones once a second instead of 10 ms after every hit.
+
+    Each sweep visits every counter: with 10,000 users in a minute, sweeping after every hit cost
+    0.5 ms of CPU per request (README, The benchmark). A counter is also expired when it is read,
+    so the sweep only frees memory, and once a second is often enough.
+    """
+
+    STORAGE_SCHEME = ["swept-memory"]
+    SWEEP_EVERY = 1.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # the private hook incr() calls, in limits 5
+        if not self.timer.is_alive():
+            self.timer = threading.Timer(self.SWEEP_EVERY, self._MemoryStorage__expire_events)
+            self.timer.daemon = True
+            self.timer.start()
 
 
 def init_access(app: Flask, settings: Settings, values: RequestValues, limiter_storage: dict) -> None:
@@ -79,7 +99,7 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, stora
     limiter = Limiter(
         key_func=rate_limit_key,
         app=app,
-        storage_uri=settings.redis_url or "memory://",
+        storage_uri=settings.redis_url or "swept-memory://",
         storage_options=storage,
         headers_enabled=False,  # only the 429 says when to come back (Retry-After), see retry_after()
         key_prefix="nanobanana-limits",
@@ -105,4 +125,4 @@ def counts_against_limit(response: Response) -> bool:
 def retry_after() -> int:
     """Seconds until the limit the current request broke lets it through again."""
     limit = current_app.extensions["limiter_instance"].current_limit
-    return max(1, round(limit.reset_at - time.time())) if limit else 60
+    return max(1, int(limit.reset_at - time.time())) if limit else 60

@@ -136,11 +136,13 @@ class TreeSampler:
         self._thread.join()
 
 
-async def fire(url: str, count: int, timeout: float) -> list[Result]:
+async def fire(url: str, count: int, timeout: float, spread: float = 0.0) -> list[Result]:
+    """`count` generation requests, started evenly over `spread` seconds (0: all at once), all held open."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
 
         async def one(n: int) -> Result:
+            await asyncio.sleep(spread * n / count)
             started = time.time()
             try:
                 async with session.get(url, params={"prompt": f"bench picture {n}", "user_id": f"bench-{n}"}) as answer:
@@ -198,7 +200,8 @@ def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Pa
                 cpu_before = sampler.cpu_seconds()
                 started = time.monotonic()
                 timeout = args.poll_interval * args.poll_max_attempts + 30
-                results = asyncio.run(fire(f"http://127.0.0.1:{service_port}/nanobanana", args.requests, timeout))
+                url = f"http://127.0.0.1:{service_port}/nanobanana"
+                results = asyncio.run(fire(url, args.requests, timeout + args.spread, args.spread))
                 wall = time.monotonic() - started
                 cpu = sampler.cpu_seconds() - cpu_before
             upstream_cpu_used = upstream_cpu.cpu_seconds() - upstream_cpu_before
@@ -247,7 +250,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def print_table(all_figures: list[Figures], args: argparse.Namespace) -> None:
     print(
-        f"\nsettings: {args.requests} concurrent requests, generation {args.generation_time:g} s, "
+        f"\nsettings: {args.requests} concurrent requests (started over {args.spread:g} s), "
+        f"generation {args.generation_time:g} s, "
         f"POLL_INTERVAL={args.poll_interval:g}, POLL_MAX_ATTEMPTS={args.poll_max_attempts}, "
         f"{os.cpu_count()} cores; poll bound per task = {math.ceil(args.generation_time / args.poll_interval) + 1}"
     )
@@ -277,6 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--generation-time", type=float, default=3.0)
+    parser.add_argument("--spread", type=float, default=0.0, help="seconds over which the requests start")
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--poll-max-attempts", type=int, default=30)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")

@@ -427,7 +427,11 @@ def main() -> None:
         def load_config(self):
             self.cfg.set("bind", f"{args.host}:{args.port}")
             self.cfg.set("worker_class", "gevent")
-            self.cfg.set("worker_connections", 4000)
+            self.cfg.set("worker_connections", 20000)
+            # Keep idle connections as long as web servers commonly do (nginx: 75 s). gunicorn's 2 s closes
+            # them so often that a client now and then sends on one just being closed, which a real
+            # upstream would seldom make it do.
+            self.cfg.set("keepalive", 75)
             self.cfg.set("backlog", 4096)
             self.cfg.set("control_socket_disable", True)
 

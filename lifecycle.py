@@ -12,8 +12,11 @@ The routes and the take-over go through the same functions here.
 
 from __future__ import annotations
 
+import _thread
 import hashlib
+import heapq
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -33,6 +36,7 @@ from nanobanana_client import (
     NanoBananaError,
     SubmissionUncertain,
     Task,
+    TaskNotFound,
     TaskStatus,
     callback_task_id,
     parse_callback,
@@ -46,12 +50,14 @@ KEEPER_EVERY = 1.0  # seconds between two renewals (and take-over sweeps)
 PURGE_EVERY = 60.0
 TAKE_OVER_BATCH = 500
 RECORD_RETRY_MAX = 10.0  # longest pause between attempts to record an end while the store is away
+MAX_PAUSE = 60.0  # the poll schedule looks again at least this often
 
 UNCONFIRMED_MESSAGE = (
     "The image service did not confirm that it started this picture, so we cannot tell whether it was made. "
     "It was not sent again, to avoid paying twice; please try again."
 )
 GIVEN_UP_MESSAGE = "The image service did not finish this picture within a day."
+LOST_TASK_MESSAGE = "The image service no longer knows this picture, so it cannot be delivered. Please ask again."
 KEY_GONE_MESSAGE = "The API key that started this picture is no longer configured, so it cannot be fetched."
 
 
@@ -66,7 +72,6 @@ class Following:
     record: TaskRecord
     key: IdempotencyKey | None = None
     ended: threading.Event = field(default_factory=threading.Event)
-    woken: threading.Event | None = None  # set by a callback, a refresh, or stop()
     refusal: NanoBananaError | None = None  # the upstream refused the submission: nothing was made
 
 
@@ -77,9 +82,14 @@ class Lifecycle:
         self.store = store
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._following: dict[str, Following] = {}
+        self._polls: list[tuple[float, int, Following]] = []  # a heap: when each followed task is asked next
+        self._poll_order = itertools.count()
+        self._polls_changed = threading.Event()
+        self._poller: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._keeper: threading.Thread | None = None
+        store.on_notify(self._woken)
 
     # -- the process's part ----------------------------------------------------------------
 
@@ -93,11 +103,11 @@ class Lifecycle:
     def stop(self) -> None:
         """Stop following; the lease ends at once, so another process takes the pending tasks over."""
         self._stopping.set()
+        self._polls_changed.set()
         with self._lock:
             followed = list(self._following.values())
         for following in followed:
-            if following.woken is not None:
-                following.woken.set()
+            following.ended.set()  # whoever still waits gets the task as it stands
         if self._keeper is not None:
             self._keeper.join(timeout=5)
         try:
@@ -174,111 +184,91 @@ class Lifecycle:
     def _follow(
         self, record: TaskRecord, generation: Generation | None = None, key=None, taken_over=False
     ) -> Following | None:
-        """Follow a task to its end in a thread of its own, submitting it first when `generation` is given."""
+        """Follow a task to its end: submit it first when `generation` is given, then ask on its schedule."""
         following = Following(record, key)
         with self._lock:
             if record.task_id in self._following or self._stopping.is_set():
                 return None
             self._following[record.task_id] = following
-        name = f"follow-{record.task_id}"
-        threading.Thread(target=self._run, args=(following, generation, taken_over), name=name, daemon=True).start()
+        if generation is not None:  # in a thread of its own: a hung submission must hold up nobody
+            _thread.start_new_thread(self._submit, (following, generation))
+        else:  # a task taken over may have ended long ago: ask at once
+            self._schedule(following, time.time() if taken_over else self._next_ask(record))
         return following
 
-    def _run(self, following: Following, generation: Generation | None, taken_over: bool) -> None:
-        task_id = following.record.task_id
-        try:
-            with self.store.listen(task_id) as woken:
-                following.woken = woken
-                if generation is not None and not self._submit(following, generation):
-                    return
-                end = self._await_end(following, woken, ask_first=taken_over)
-                if end is not None:
-                    self._settle(following, end)
-        except Exception:
-            log.exception("following task %s broke off; it is followed again in %gs", task_id, FOLLOWER_LEASE)
-            threading.Timer(FOLLOWER_LEASE, self._follow, args=(following.record,), kwargs={"taken_over": True}).start()
-        finally:
-            with self._lock:
-                self._following.pop(task_id, None)
-            following.ended.set()
-
-    def _submit(self, following: Following, generation: Generation) -> bool:
-        """Submit the task; False when the upstream refused it (then nothing was made, and it has ended)."""
+    def _submit(self, following: Following, generation: Generation) -> None:
         record = following.record
         try:
             task = self.client.submit(generation, self._callback_url(record))
-        except SubmissionUncertain as unknown:
-            following.record = replace(record, error_message=unknown.message)
-            return True  # the task may exist: _await_end waits for its callback, or calls it unconfirmed
-        except NanoBananaError as refused:
-            following.refusal = refused
-            self._settle(following, settled(record, "failed", refused.code, refused.message))
-            if following.key is not None:
-                self._quietly(self.store.release_key, following.key, record.task_id)
-            return False
-        key_id = self.client.keys.key_id(task.key_number)
-        following.record = replace(record, upstream_task_id=task.task_id, key_id=key_id, submitted_at=task.submitted_at)
-        self._quietly(self.store.submitted, record.task_id, task.task_id, key_id, task.submitted_at)
-        return True
+        except NanoBananaError as failure:
+            if not isinstance(failure, SubmissionUncertain):
+                following.refusal = failure  # nothing was made: the caller hears why, and may retry
+                self._finish(following, settled(record, "failed", failure.code, failure.message))
+                if following.key is not None:
+                    self._quietly(self.store.release_key, following.key, record.task_id)
+                return
+            log.warning("task %s: the submission went unanswered; it may have been made", record.task_id)
+            following.record = replace(record, error_message=failure.message)
+        except Exception:
+            log.exception("submitting task %s failed unexpectedly; it may have been made", record.task_id)
+        else:
+            key_id = self.client.keys.key_id(task.key_number)
+            following.record = replace(
+                record, upstream_task_id=task.task_id, key_id=key_id, submitted_at=task.submitted_at
+            )
+            self._quietly(self.store.submitted, record.task_id, task.task_id, key_id, task.submitted_at)
+        self._schedule(following, self._next_ask(following.record))
 
-    def _await_end(self, following: Following, woken: threading.Event, ask_first: bool) -> TaskRecord | None:
-        """Poll on the task's schedule, or be woken, until it ends; None when there is nothing to record."""
+    def _next_ask(self, record: TaskRecord) -> float:
+        """When to ask about the task next. Without an upstream id, that is when to stop hoping for its callback."""
+        if record.upstream_task_id is not None:
+            return self.client.next_poll(record.submitted_at or record.created_at, time.time())
+        if not self.settings.callbacks:
+            return time.time()
+        return record.created_at + self.settings.polling_window + self.settings.submit_read_timeout
+
+    def _ask_when_due(self, following: Following) -> None:
+        """The task's turn has come (see _run_polls): ask the upstream, then end the task or ask again later."""
         record = following.record
-        if record.upstream_task_id is None:
-            return self._await_unconfirmed(following, woken)
+        try:
+            end = self._end_if_known(record)
+        except Exception:
+            log.exception("asking about task %s failed unexpectedly; asking again later", record.task_id)
+            end = None
+        if following.ended.is_set():
+            return  # a callback ended it meanwhile
+        if end is not None:
+            self._finish(following, end)
+        elif time.time() >= record.created_at + TASK_TTL:
+            self._finish(following, settled(record, "failed", "upstream_error", GIVEN_UP_MESSAGE))
+        else:
+            self._schedule(following, self._next_ask(record))
+
+    def _end_if_known(self, record: TaskRecord) -> TaskRecord | None:
+        if record.upstream_task_id is None:  # the submission's answer was lost, and no callback came
+            return settled(record, "unconfirmed", "upstream_error", record.error_message or UNCONFIRMED_MESSAGE)
         task = self._upstream_task(record)
         if task is None:
             return settled(record, "failed", "upstream_error", KEY_GONE_MESSAGE)
-        if ask_first:  # a task taken over may have ended long ago
-            status = self._ask(task)
-            if status.done:
-                return ended(record, status)
-        life_end = record.created_at + TASK_TTL
-        while not self._stopping.is_set():
-            status = self.client.wait(task, life_end - time.time(), wake=woken)
-            if status.done:
-                return ended(record, status)
-            if not woken.is_set():
-                return settled(record, "failed", "upstream_error", GIVEN_UP_MESSAGE)
-            woken.clear()
-            if self._ended_elsewhere(following):
-                return None
-        return None
+        status = self._ask(task)
+        return ended(record, status) if status.done else None
 
-    def _await_unconfirmed(self, following: Following, woken: threading.Event) -> TaskRecord | None:
-        """The submission's answer was lost. Its callback names our task, so with callbacks on, wait for it."""
-        record = following.record
-        if self.settings.callbacks:
-            until = record.created_at + self.settings.polling_window + self.settings.submit_read_timeout
-            while not self._stopping.is_set() and woken.wait(max(0.0, until - time.time())):
-                woken.clear()
-                if self._ended_elsewhere(following):
-                    return None
-        if self._stopping.is_set():
-            return None
-        return settled(record, "unconfirmed", "upstream_error", record.error_message or UNCONFIRMED_MESSAGE)
-
-    def _ended_elsewhere(self, following: Following) -> bool:
-        """After a wake-up: did a callback or a status request record the end? Then adopt it."""
-        try:
-            stored = self.store.task(following.record.task_id)
-        except StoreUnavailable:
-            return False
-        if stored is None or not stored.settled:
-            return False
-        following.record = stored
-        return True
-
-    def _settle(self, following: Following, end: TaskRecord) -> None:
-        """Record the end. With the store away, answer the caller now and record it once the store is back."""
+    def _finish(self, following: Following, end: TaskRecord) -> None:
+        """Record the end, then answer whoever waits. With the store away, answer now and record it when back."""
         following.record = end
         try:
             following.record = self.store.complete_task(end)
         except StoreUnavailable:
             log.warning("the store is unavailable: the end of task %s is recorded when it is back", end.task_id)
-            following.ended.set()
+            self._release(following)
             following.record = self._record_when_back(end)
+        self._release(following)
         self._quietly(self.store.notify, end.task_id)
+
+    def _release(self, following: Following) -> None:
+        with self._lock:
+            self._following.pop(following.record.task_id, None)
+        following.ended.set()
 
     def _record_when_back(self, end: TaskRecord) -> TaskRecord:
         pause = 0.5
@@ -293,10 +283,65 @@ class Lifecycle:
         return end
 
     def _record_end(self, end: TaskRecord) -> TaskRecord:
-        """Record an end learnt outside the follower (a callback, a status request) and wake the follower."""
+        """Record an end learnt from a callback or a status request; whoever follows or waits learns it too."""
         recorded = self.store.complete_task(end)
+        self._adopt(recorded)
         self._quietly(self.store.notify, end.task_id)
         return recorded
+
+    def _adopt(self, stored: TaskRecord) -> None:
+        """A task followed here was ended elsewhere: stop following it, and answer whoever waits."""
+        following = self._following.get(stored.task_id)
+        if following is not None and stored.settled:
+            following.record = stored
+            self._release(following)
+
+    def _woken(self, task_id: str) -> None:
+        """Some process says the task ended (a callback or a status request it received): look it up."""
+        if task_id in self._following:
+            _thread.start_new_thread(self._adopt_stored, (task_id,))
+
+    def _adopt_stored(self, task_id: str) -> None:
+        try:
+            stored = self.store.task(task_id)
+        except StoreUnavailable:
+            return  # its schedule asks the upstream anyway
+        if stored is not None:
+            self._adopt(stored)
+
+    # -- the poll schedule: one thread, and a heap of who is to be asked when -------------------
+
+    def _schedule(self, following: Following, when: float) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            heapq.heappush(self._polls, (when, next(self._poll_order), following))
+            sooner = self._polls[0][2] is following
+            if self._poller is None:
+                self._poller = threading.Thread(target=self._run_polls, name="polls", daemon=True)
+                self._poller.start()
+        if sooner:
+            self._polls_changed.set()
+
+    def _run_polls(self) -> None:
+        """Sleep until the earliest due task, then ask about every due one, each in a thread of its own."""
+        while not self._stopping.is_set():
+            self._polls_changed.clear()
+            due, pause = self._due(time.time())
+            for following in due:
+                _thread.start_new_thread(self._ask_when_due, (following,))
+            self._polls_changed.wait(pause)
+
+    def _due(self, now: float) -> tuple[list[Following], float]:
+        """The tasks whose turn has come, and how long until the next one's."""
+        due = []
+        with self._lock:
+            while self._polls and self._polls[0][0] <= now:
+                following = heapq.heappop(self._polls)[2]
+                if not following.ended.is_set():
+                    due.append(following)
+            pause = self._polls[0][0] - now if self._polls else MAX_PAUSE
+        return due, min(pause, MAX_PAUSE)
 
     # -- waiting for an answer ---------------------------------------------------------------
 
@@ -374,6 +419,11 @@ class Lifecycle:
         """Ask the upstream once how the task is doing; a failed question is no answer."""
         try:
             return self.client.status(task)
+        except TaskNotFound:
+            # Right after submission this may be the upstream catching up; past the window it is lost.
+            if time.time() - task.submitted_at > self.settings.polling_window:
+                return TaskStatus("failed", error_message=LOST_TASK_MESSAGE)
+            return PENDING
         except NanoBananaError as failure:
             log.info("status of task %s unknown: %s", task.task_id, failure.message)
             return PENDING

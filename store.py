@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -125,8 +125,15 @@ class Store(Protocol):
         """End this follower's lease at once, so others take over its tasks without waiting."""
 
     # -- wake-ups, health, housekeeping
-    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]: ...
-    def notify(self, task_id: str) -> None: ...
+    def listen(self, task_id: str) -> AbstractContextManager[threading.Event]:
+        """An event set when some process calls notify(task_id), while the block runs."""
+
+    def notify(self, task_id: str) -> None:
+        """Say, to every process, that the task ended."""
+
+    def on_notify(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(task_id)` on every notify, from any process (it must return quickly)."""
+
     def ping(self) -> bool: ...
     def purge(self, now: float) -> None: ...
     def close(self) -> None: ...
@@ -138,6 +145,10 @@ class Waiters:
     def __init__(self):
         self._lock = threading.Lock()
         self._events: dict[str, set[threading.Event]] = {}
+        self._subscribers: list[Callable[[str], None]] = []
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        self._subscribers.append(callback)
 
     @contextmanager
     def listen(self, task_id: str) -> Iterator[threading.Event]:
@@ -158,6 +169,8 @@ class Waiters:
             events = list(self._events.get(task_id, ()))
         for event in events:
             event.set()
+        for callback in self._subscribers:
+            callback(task_id)
 
 
 # -- a task record as flat fields, for both stores --------------------------------------

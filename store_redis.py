@@ -240,6 +240,10 @@ class RedisStore:
         """Wake whoever waits for this task, in every worker and instance (Redis pub/sub)."""
         self._call(self.redis.publish, self._key("wake"), task_id)
 
+    def on_notify(self, callback: Callable[[str], None]) -> None:
+        self._waiters.subscribe(callback)
+        self._start_subscriber()
+
     def ping(self) -> bool:
         try:
             return bool(self._call(self.redis.ping))

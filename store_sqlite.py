@@ -222,6 +222,9 @@ class SqliteStore:
     def notify(self, task_id: str) -> None:
         self._waiters.wake(task_id)
 
+    def on_notify(self, callback: Callable[[str], None]) -> None:
+        self._waiters.subscribe(callback)
+
     def ping(self) -> bool:
         try:
             self._one("SELECT 1", ())

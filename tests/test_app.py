@@ -9,6 +9,7 @@ import pytest
 from app import create_app
 from config import Settings
 from store import StoreUnavailable
+from store_sqlite import SqliteStore
 from tests.conftest import UPSTREAM
 from tests.helpers import wait_until
 
@@ -413,13 +414,11 @@ def test_body_over_one_mebibyte_is_413(client):
 
 
 def test_unexpected_failure_is_json_500_without_a_trace(settings, session):
-    class BrokenStore:
-        name = "broken"
-
+    class BrokenStore(SqliteStore):
         def remembered_image(self, user_id):
             raise RuntimeError("disk on fire at /srv/secret/path")
 
-    client = create_app(settings, session=session, store=BrokenStore()).test_client()
+    client = create_app(settings, session=session, store=BrokenStore(":memory:", 3600, 10)).test_client()
     answer = generate(client, prompt="a cat", user_id="alice")
     assert answer.status_code == 500
     assert answer.json["error"]["code"] == "internal_error"
@@ -459,12 +458,10 @@ def test_callback_is_counted_and_logged(client, caplog):
 
 
 def test_callback_while_the_store_is_away_is_503(settings, session):
-    class AwayStore:
-        name = "away"
-
+    class AwayStore(SqliteStore):
         def task(self, task_id):
             raise StoreUnavailable("connection refused")
 
-    client = create_app(settings, session=session, store=AwayStore()).test_client()
+    client = create_app(settings, session=session, store=AwayStore(":memory:", 3600, 10)).test_client()
     answer = client.post("/nanobanana/callback?secret=s", json={"data": {"taskId": "t"}})
     assert answer.status_code == 503 and answer.json["error"]["code"] == "store_unavailable"

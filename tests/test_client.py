@@ -6,7 +6,6 @@ import json
 
 import pytest
 import requests
-import responses
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from nanobanana_client import (
@@ -286,66 +285,24 @@ def test_unusable_status_raises_instead_of_passing_for_success(client, mocked, a
         client.status(Task("task-1", 1, 0.0))
 
 
-# -- wait ------------------------------------------------------------------------------------
+# -- the polling schedule -----------------------------------------------------------------------
 
 
-def test_wait_polls_every_interval_until_success(client, mocked, fake_time):
-    mocked.get(RECORD_INFO, json=record(0))
-    mocked.get(RECORD_INFO, json=record(0))
-    mocked.get(RECORD_INFO, json=record(1, {"resultImageUrl": "https://f.test/1.png"}))
-    task = Task("task-1", 1, fake_time.now)
-    status = client.wait(task, timeout=60)
-    assert status.image_urls == ("https://f.test/1.png",)
-    assert fake_time.now - task.submitted_at == pytest.approx(6.0)
-    assert len(upstream_calls(mocked)) == 3
+def test_polls_fall_every_interval_after_submission(client):
+    assert [client.next_poll(100.0, 100.0 + t) for t in (0, 1.9, 2.0, 9.99)] == [102, 102, 104, 110]
 
 
-def test_failed_polls_count_and_polling_goes_on(client, mocked, fake_time):
-    mocked.get(RECORD_INFO, body=requests.ReadTimeout("slow"))
-    mocked.get(RECORD_INFO, body="<html>500</html>", status=500)
-    mocked.get(RECORD_INFO, json=record(1, {"resultImageUrl": "https://f.test/1.png"}))
-    status = client.wait(Task("task-1", 1, fake_time.now), timeout=60)
-    assert status.state == "success"
-    assert len(upstream_calls(mocked)) == 3
-
-
-def answered_pending(mocked, fake_time) -> list[float]:
-    """Every status poll answers "still generating"; the returned list fills with the moments they came."""
-    moments: list[float] = []
-
-    def still_generating(request):
-        moments.append(fake_time.now)
-        return 200, {}, json.dumps(record(0))
-
-    mocked.add_callback(responses.GET, RECORD_INFO, callback=still_generating)
-    return moments
-
-
-def test_past_the_window_polls_come_further_and_further_apart(client, mocked, fake_time):
-    moments = answered_pending(mocked, fake_time)
-    task = Task("task-1", 1, fake_time.now)
-    assert client.wait(task, timeout=600).state == "pending"
+def test_past_the_window_polls_come_further_and_further_apart(client):
+    moments, after = [], 0.0
+    while (after := client.next_poll(0.0, after)) < 600:
+        moments.append(after)
     # five polls two seconds apart (the window), then gaps of 4, 8, 16, ... seconds
-    assert [m - task.submitted_at for m in moments] == [2, 4, 6, 8, 10, 14, 22, 38, 70, 134, 262, 518]
+    assert moments == [2, 4, 6, 8, 10, 14, 22, 38, 70, 134, 262, 518]
 
 
 def test_gaps_between_polls_stop_growing_at_ten_minutes(client):
-    task = Task("task-1", 1, 0.0)
-    assert client.poll_time(task, 30) - client.poll_time(task, 29) == MAX_POLL_GAP == 600
-
-
-def test_shorter_wait_polls_less_and_a_later_wait_goes_on_with_the_schedule(client, mocked, fake_time):
-    moments = answered_pending(mocked, fake_time)
-    task = Task("task-1", 1, fake_time.now)
-    assert client.wait(task, timeout=4.5).state == "pending"
-    assert [m - task.submitted_at for m in moments] == [2, 4]
-    client.wait(task, timeout=30)
-    assert [m - task.submitted_at for m in moments] == [2, 4, 6, 8, 10, 14, 22]
-
-
-def test_wait_zero_does_not_poll(client, mocked, fake_time):
-    assert client.wait(Task("task-1", 1, fake_time.now), timeout=0).state == "pending"
-    assert len(upstream_calls(mocked)) == 0
+    late = client.next_poll(0.0, 86_000)
+    assert client.next_poll(0.0, late) - late == MAX_POLL_GAP == 600
 
 
 # -- credits ---------------------------------------------------------------------------------
