@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench.py
+	$(PY) bench.py --configs callbacks --requests 10000 --generation-time 12 --spread 10
 
 emulator: $(STAMP)
 	$(PY) emulator.py --port 9000
