@@ -252,7 +252,8 @@ def print_table(all_figures: list[Figures], args: argparse.Namespace) -> None:
     print(
         f"\nsettings: {args.requests} concurrent requests (started over {args.spread:g} s), "
         f"generation {args.generation_time:g} s, "
-        f"POLL_INTERVAL={args.poll_interval:g}, POLL_MAX_ATTEMPTS={args.poll_max_attempts}, "
+        f"POLL_INTERVAL={args.poll_interval:g} (unless a configuration sets its own, as its 'running' line shows), "
+        f"POLL_MAX_ATTEMPTS={args.poll_max_attempts}, "
         f"{os.cpu_count()} cores; poll bound per task = {math.ceil(args.generation_time / args.poll_interval) + 1}"
     )
     header = (
