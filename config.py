@@ -20,6 +20,8 @@ DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
 DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
 DEFAULT_DATABASE_PATH = "data/nanobanana.sqlite3"
 CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, for a callback that never comes
+REQUEST_LINE_LIMIT = 256 * 1024  # a GET may carry a 20,000-character prompt: about 240 KB percent-encoded
+BODY_TIMEOUT = 10.0  # seconds a request body has to arrive
 
 
 class ConfigError(ValueError):

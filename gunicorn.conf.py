@@ -48,6 +48,8 @@ def connections_per_worker() -> int:
     return max(1000, min(MAX_CONNECTIONS, hard - FILES_KEPT_FREE))
 
 
+# No thread name in any log line: asked for in a greenlet, it costs a dummy thread object per request.
+logging.logThreads = False
 log_handler = logging.StreamHandler()
 log_handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 logging.basicConfig(level=logging.INFO, handlers=[log_handler])

@@ -6,6 +6,7 @@ The tests validate it, and schemathesis checks the live service against it.
 
 from __future__ import annotations
 
+from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
 from params import (
     ASPECT_RATIOS,
     FORMATS,
@@ -55,7 +56,10 @@ COMMON_ERRORS = {
     ),
     "404": error_response("Unknown path or task"),
     "405": error_response("Wrong method", {"Allow": {"description": "The methods allowed", "schema": STRING}}),
+    "408": error_response(f"The request body did not arrive within {BODY_TIMEOUT:g} seconds"),
     "413": error_response("Request body over 1 MiB"),
+    "414": error_response(f"The request line is over {REQUEST_LINE_LIMIT // 1024} KiB: send long prompts in a POST"),
+    "431": error_response("A request header is too large"),
     "500": error_response("A bug on our side"),
     "503": error_response("No API key, the upstream or the store is unavailable", RETRY_AFTER),
 }

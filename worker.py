@@ -32,10 +32,10 @@ from werkzeug.exceptions import (
     RequestURITooLarge,
 )
 
+from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
+
 log = logging.getLogger("nanobanana.edge")
 
-REQUEST_LINE_LIMIT = 256 * 1024
-BODY_TIMEOUT = 10.0
 LINGER_SECONDS = 1.0  # after an error, read what the client still sends, so it gets the answer (no reset)
 
 

@@ -20,8 +20,8 @@ import pytest
 import requests
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
 from tests.helpers import ROOT, Service, emulated_upstream, free_port, wait_until
-from worker import BODY_TIMEOUT, REQUEST_LINE_LIMIT
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +165,31 @@ def test_slow_bodies_are_cut_off_and_leave_everyone_else_answered(service):
     assert others == {"healthz": 200, "generation": 200}
     assert {status for status, _ in answers} == {408}
     assert max(elapsed for _, elapsed in answers) < BODY_TIMEOUT + 10
+
+
+# -- answers as documented, over HTTP --------------------------------------------------------------
+
+
+def test_json_fields_are_checked_by_type_over_http(service, upstream):
+    marker = "typed-" + str(time.monotonic())
+    answer = requests.post(f"{service.url}/nanobanana", json={"prompt": [marker, "a dog"]}, timeout=10)
+    assert answer.status_code == 400 and answer.json()["error"]["message"].startswith("prompt")
+    assert not [task for task in upstream.tasks.values() if marker in str(task.params["prompt"])]
+
+
+def test_rate_limit_over_http(upstream, tmp_path):
+    environ = {"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url, "POLL_INTERVAL": "0.1", "RATE_LIMIT": "2/minute"}
+    limited = Service(environ, tmp_path / "limited.log").wait_ready()
+    try:
+        refused = [limited.get("/nanobanana", params={"prompt": "a cat", "format": "xml"}) for _ in range(4)]
+        assert [answer.status_code for answer in refused] == [400] * 4
+        answers = [limited.get("/nanobanana", params={"prompt": "a cat", "format": "text"}) for _ in range(3)]
+        assert [answer.status_code for answer in answers] == [200, 200, 429]
+        assert not [name for name in answers[0].headers if name.lower().startswith(("x-ratelimit", "retry-after"))]
+        assert int(answers[2].headers["Retry-After"]) > 0
+        assert answers[2].headers["Content-Type"].startswith("text/plain") and answers[2].text.startswith("Too many")
+    finally:
+        limited.stop()
 
 
 # -- proxies, callbacks and the log ---------------------------------------------------------------------
