@@ -22,6 +22,7 @@ from params import InvalidParameter, json_values, parse_format, parse_generation
 from store import IdempotencyConflict, Store, StoreUnavailable, TaskRecord
 from store_redis import RedisStore
 from store_sqlite import SqliteStore
+from webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class ApiError(Exception):
 def create_app(settings: Settings | None = None, *, session=None, store: Store | None = None) -> Flask:
     """Build the app; tests pass their own settings, HTTP session and store.
 
-    The lifecycle's background work (lease renewal, taking over orphaned tasks) starts with
-    `app.extensions["lifecycle"].start()`; under gunicorn, gunicorn.conf.py does it in each worker.
+    The background work (lease renewal, taking over orphaned tasks, webhooks) starts with
+    start_background(app); under gunicorn, gunicorn.conf.py does it in each worker.
     """
     settings = settings or load_settings()
     app = Flask(__name__)
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     store = store or open_store(settings)
     lifecycle = Lifecycle(settings, client, store)
     app.extensions["lifecycle"] = lifecycle
+    app.extensions["webhooks"] = Webhooks(settings, store, webhook_body, on_outcome=metrics.webhook_outcome)
     hops = settings.proxy_hops
     proxied = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     app.wsgi_app = CallbackReceiver(proxied, lifecycle, metrics, describe_error)
@@ -76,6 +78,20 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
     return app
+
+
+BACKGROUND = ("lifecycle", "webhooks")  # the work each process does apart from requests
+
+
+def start_background(app: Flask) -> None:
+    """Follow tasks, take over orphaned ones, deliver webhooks: what gunicorn starts in each worker."""
+    for part in BACKGROUND:
+        app.extensions[part].start()
+
+
+def stop_background(app: Flask) -> None:
+    for part in reversed(BACKGROUND):
+        app.extensions[part].stop()
 
 
 def open_store(settings: Settings) -> Store:
@@ -105,11 +121,17 @@ def generate():
     values = request_values()
     g.response_format = parse_format(values)
     wanted = parse_generation(
-        values, lifecycle().settings.polling_window, idempotency_header=request.headers.get("Idempotency-Key")
+        values,
+        lifecycle().settings.polling_window,
+        idempotency_header=request.headers.get("Idempotency-Key"),
+        prefer_header=request.headers.get("Prefer"),
     )
     with current_app.extensions["metrics"].in_flight.track_inprogress():
         record = lifecycle().generate(wanted, g.owner)
-    return render_task(record, elapsed=time.monotonic() - g.started)
+    response = render_task(record, elapsed=time.monotonic() - g.started)
+    if wanted.preference_applied:
+        response.headers["Preference-Applied"] = wanted.preference_applied
+    return response
 
 
 @bp.get("/nanobanana/tasks/<task_id>")
@@ -239,53 +261,77 @@ def render_task(record: TaskRecord, elapsed: float):
     """The answer for a task: 200 with its pictures, 202 while pending, 502 when it failed."""
     fmt = g.get("response_format", "json")
     g.task_id = record.task_id
-    if record.state == "success":
-        if fmt == "redirect":
-            return redirect(record.image_urls[0], code=302)
-        if fmt == "text":
-            return text_response("\n".join(record.image_urls) + "\n", 200)
-        return jsonify(
-            status="success",
-            task_id=record.task_id,
-            upstream_task_id=record.upstream_task_id,
-            mode=record.mode,
-            image_url=record.image_urls[0],
-            image_urls=list(record.image_urls),
-            source_image_urls=list(record.source_image_urls),
-            used_previous_image=record.used_previous_image,
-            user_id=record.user_id,
-            elapsed_seconds=round(elapsed, 2),
-        )
-    if record.state in ("failed", "unconfirmed"):
-        message = record.error_message or "The image could not be made."
-        if fmt == "text":
-            return text_response(message + "\n", 502)
-        body = {
-            "status": "failed",
-            "task_id": record.task_id,
-            "upstream_task_id": record.upstream_task_id,
-            "error": {"code": record.error_code or "generation_failed", "message": message},
-        }
-        return jsonify(body), 502
-    return render_pending(record, fmt)
-
-
-def render_pending(record: TaskRecord, fmt: str):
-    status_url = url_for("nanobanana.task_status", task_id=record.task_id, _external=True)
-    message = f"Your picture is still being made. It will be ready at {status_url} in a few seconds."
+    status_url = None
+    if record.state == "pending":
+        status_url = url_for("nanobanana.task_status", task_id=record.task_id, _external=True)
+    status, body = task_answer(record, elapsed, status_url)
+    if fmt == "redirect" and status == 200:
+        return redirect(record.image_urls[0], code=302)
     if fmt == "text":
-        response = text_response(message + "\n", 202)
+        response = text_response(answer_text(body), status)
     else:
-        response = jsonify(
-            status="pending",
-            task_id=record.task_id,
-            upstream_task_id=record.upstream_task_id,
-            status_url=status_url,
-            message=message,
-        )
-        response.status_code = 202
-    response.headers["Location"] = status_url
+        response = jsonify(body)
+        response.status_code = status
+    if status_url:
+        response.headers["Location"] = status_url
     return response
+
+
+def task_answer(record: TaskRecord, elapsed: float, status_url: str | None = None) -> tuple[int, dict]:
+    """The status and JSON body that answer for a task, here and in its webhook."""
+    if record.state == "success":
+        status, body = (
+            200,
+            {
+                "status": "success",
+                "task_id": record.task_id,
+                "upstream_task_id": record.upstream_task_id,
+                "mode": record.mode,
+                "image_url": record.image_urls[0],
+                "image_urls": list(record.image_urls),
+                "source_image_urls": list(record.source_image_urls),
+                "used_previous_image": record.used_previous_image,
+                "user_id": record.user_id,
+                "elapsed_seconds": round(elapsed, 2),
+            },
+        )
+    elif record.state in ("failed", "unconfirmed"):
+        message = record.error_message or "The image could not be made."
+        status, body = (
+            502,
+            {
+                "status": "failed",
+                "task_id": record.task_id,
+                "upstream_task_id": record.upstream_task_id,
+                "error": {"code": record.error_code or "generation_failed", "message": message},
+            },
+        )
+    else:
+        status, body = (
+            202,
+            {
+                "status": "pending",
+                "task_id": record.task_id,
+                "upstream_task_id": record.upstream_task_id,
+                "status_url": status_url,
+                "message": f"Your picture is still being made. It will be ready at {status_url} in a few seconds.",
+            },
+        )
+    if record.callback_url:
+        body["webhook"] = {"state": record.webhook_state or "pending", "attempts": record.webhook_attempts}
+    return status, body
+
+
+def webhook_body(record: TaskRecord) -> dict:
+    """What a webhook carries: the body GET /nanobanana/tasks/<task_id> answers for the ended task."""
+    return task_answer(record, (record.completed_at or time.time()) - record.created_at)[1]
+
+
+def answer_text(body: dict) -> str:
+    """format=text: the picture addresses one per line, or the message."""
+    if body["status"] == "success":
+        return "\n".join(body["image_urls"]) + "\n"
+    return (body.get("message") or body["error"]["message"]) + "\n"
 
 
 def text_response(text: str, status: int):

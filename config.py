@@ -6,6 +6,8 @@ start-up with a `ConfigError` whose message names the variable and says how to f
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import re
@@ -20,6 +22,7 @@ DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
 DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
 DEFAULT_DATABASE_PATH = "data/nanobanana.sqlite3"
 CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, for a callback that never comes
+WEBHOOK_RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0)  # after each failed attempt, then given up
 REQUEST_LINE_LIMIT = 256 * 1024  # a GET may carry a 20,000-character prompt: about 240 KB percent-encoded
 BODY_TIMEOUT = 10.0  # seconds a request body has to arrive
 
@@ -41,6 +44,10 @@ class Settings:
     database_path: str = DEFAULT_DATABASE_PATH  # the SQLite store, when there is no REDIS_URL
     public_base_url: str | None = None
     proxy_hops: int = 1  # proxies in front that add X-Forwarded-*; 0: those headers are ignored
+    webhook_secret: str | None = field(default=None, repr=False)  # whsec_…: signs webhooks to callers
+    webhook_allow_private: bool = False
+    webhook_retry_delays: tuple[float, ...] = WEBHOOK_RETRY_DELAYS
+    webhook_timeout: float = 15.0  # seconds an attempt may take before it counts as failed
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
@@ -114,6 +121,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         database_path=_text(env, "DATABASE_PATH", DEFAULT_DATABASE_PATH),
         public_base_url=_url(env, "PUBLIC_BASE_URL", None),
         proxy_hops=_integer(env, "PROXY_HOPS", 1, minimum=0, maximum=10),
+        webhook_secret=_webhook_secret(env),
+        webhook_allow_private=_flag(env, "WEBHOOK_ALLOW_PRIVATE"),
+        webhook_retry_delays=_delays(env, "WEBHOOK_RETRY_DELAYS", WEBHOOK_RETRY_DELAYS),
+        webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", 15.0, minimum=0.1),
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
@@ -143,6 +154,44 @@ def _rate_limit(env: Mapping[str, str]) -> str | None:
             f"RATE_LIMIT={value!r} is not a rate limit; use one like 20/minute, 100 per hour, or off"
         ) from None
     return value
+
+
+def _webhook_secret(env: Mapping[str, str]) -> str | None:
+    value = env.get("WEBHOOK_SECRET", "").strip()
+    if not value:
+        return None
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_") + "==", validate=False)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not value.startswith("whsec_") or len(key) < 16:
+        raise ConfigError(
+            "WEBHOOK_SECRET must be whsec_ followed by at least 16 random bytes in base64; make one with: "
+            "python3 -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+        )
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={value!r} must be 1 (on) or 0 (off)")
+
+
+def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        delays = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        delays = ()
+    if not delays or not all(math.isfinite(d) and d >= 0 for d in delays):
+        raise ConfigError(f"{name}={raw!r} must be seconds separated by commas, like 5,30,120")
+    return delays
 
 
 def _redis_url(env: Mapping[str, str]) -> str | None:

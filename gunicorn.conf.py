@@ -71,15 +71,19 @@ control_socket_disable = True
 
 
 def post_worker_init(worker):
-    """Each worker renews its lease and takes over orphaned tasks from the start, before any request."""
-    worker.wsgi.extensions["lifecycle"].start()
+    """Each worker renews its lease, takes over orphaned tasks and delivers webhooks from the start."""
+    from app import start_background
+
+    start_background(worker.wsgi)
 
 
 def worker_exit(server, worker):
     """A worker that stops (a deploy, a reload) hands its pending tasks over at once."""
     app = getattr(worker, "wsgi", None)
     if app is not None:
-        app.extensions["lifecycle"].stop()
+        from app import stop_background
+
+        stop_background(app)
 
 
 def on_exit(server):

@@ -43,6 +43,7 @@ from nanobanana_client import (
 )
 from params import GenerationRequest, InvalidParameter
 from store import FOLLOWER_LEASE, TASK_TTL, IdempotencyKey, Store, StoreUnavailable, TaskRecord
+from webhooks import check_target, webhook_due
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ class Lifecycle:
         deadline = time.monotonic() + wanted.wait
         if not self.settings.configured:
             raise NotConfigured()
+        if wanted.callback_url:
+            self._check_callback_url(wanted.callback_url)
         key = idempotency_key(wanted, owner)
         earlier = self.store.keyed_task(key) if key else None
         if earlier is not None:
@@ -142,6 +145,7 @@ class Lifecycle:
                 created_at=time.time(),
                 callback_secret=secrets.token_urlsafe(18) if self.settings.callbacks else None,
                 follower=self.follower_id,
+                callback_url=wanted.callback_url,
             ),
             key,
         )
@@ -400,6 +404,14 @@ class Lifecycle:
 
     # -- small helpers -------------------------------------------------------------------------
 
+    def _check_callback_url(self, url: str) -> None:
+        if not self.settings.webhook_secret:
+            raise InvalidParameter(
+                "This service does not send webhooks: its owner has not set WEBHOOK_SECRET. "
+                "Leave callback_url out, and ask for the picture at status_url instead."
+            )
+        check_target(url, self.settings.webhook_allow_private)
+
     def _choose_images(self, generation: Generation, conversation: str | None) -> tuple[Generation, bool]:
         """Explicit images first, else the user's remembered image, else none."""
         if generation.image_urls or not conversation:
@@ -451,7 +463,9 @@ def ended(record: TaskRecord, status: TaskStatus) -> TaskRecord:
 
 
 def settled(record: TaskRecord, state: str, error_code: str | None, message: str | None) -> TaskRecord:
-    return replace(record, state=state, error_code=error_code, error_message=message, completed_at=time.time())
+    """The record as it ended; its webhook, if it has a callback_url, is due from now."""
+    end = replace(record, state=state, error_code=error_code, error_message=message, completed_at=time.time())
+    return replace(end, **webhook_due(end))
 
 
 def genuine(record: TaskRecord, secret: str, upstream_task_id: str) -> bool:
@@ -473,6 +487,6 @@ def idempotency_key(wanted: GenerationRequest, owner: str) -> IdempotencyKey | N
     if wanted.idempotency_key is None:
         return None
     scope = hashlib.sha256(f"{owner}\n{wanted.idempotency_key}".encode()).hexdigest()
-    asked = {**asdict(wanted.generation), "user_id": wanted.user_id, "reset": wanted.reset}
+    asked = {**asdict(wanted.generation), "user_id": wanted.user_id, "reset": wanted.reset, "to": wanted.callback_url}
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
     return IdempotencyKey(scope, fingerprint)

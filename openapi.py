@@ -11,6 +11,7 @@ from params import (
     ASPECT_RATIOS,
     FORMATS,
     IMAGE_URL_NAMES,
+    MAX_CALLBACK_URL,
     MAX_IDEMPOTENCY_KEY,
     MAX_NUM_IMAGES,
     MAX_USER_ID,
@@ -45,6 +46,15 @@ def json_response(description: str, schema: dict, headers: dict | None = None) -
 
 STRING = {"type": "string"}
 UPSTREAM_TASK_ID = {"type": ["string", "null"], "description": "The upstream's id for the task, once known"}
+WEBHOOK = {
+    "type": "object",
+    "description": "With a callback_url: how its webhook is doing",
+    "required": ["state", "attempts"],
+    "properties": {
+        "state": {"enum": ["pending", "delivered", "failed"]},
+        "attempts": {"type": "integer", "minimum": 0},
+    },
+}
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": STRING}}
 LOCATION = {"Location": {"description": "Where the answer is", "schema": STRING}}
 
@@ -105,6 +115,18 @@ GENERATION_FIELDS = {
         "maxLength": MAX_IDEMPOTENCY_KEY,
         "description": "The same key (with the same parameters) within 24 hours is the same picture, paid once",
     },
+    "callback_url": {
+        "type": "string",
+        "format": "uri",
+        "maxLength": MAX_CALLBACK_URL,
+        "description": "Where to POST a signed webhook when the task ends (Standard Webhooks); alias webhook_url",
+    },
+}
+PREFER_HEADER = {
+    "name": "Prefer",
+    "in": "header",
+    "schema": STRING,
+    "description": "RFC 7240: respond-async (wait=0) or wait=N (an explicit wait parameter wins)",
 }
 IDEMPOTENCY_HEADER = {
     "name": "Idempotency-Key",
@@ -112,8 +134,15 @@ IDEMPOTENCY_HEADER = {
     "schema": GENERATION_FIELDS["idempotency_key"],
     "description": "The same as the idempotency_key parameter",
 }
+PREFERENCE_APPLIED = {
+    "Preference-Applied": {"description": "The Prefer wish that was followed (RFC 7240)", "schema": STRING}
+}
 GENERATION_RESPONSES = {
     **TASK_RESPONSES,
+    **{
+        code: {**TASK_RESPONSES[code], "headers": {**TASK_RESPONSES[code].get("headers", {}), **PREFERENCE_APPLIED}}
+        for code in ("200", "202", "502")
+    },
     "422": error_response("This idempotency key was used for a different request"),
     "429": error_response("Over RATE_LIMIT", RETRY_AFTER),
 }
@@ -126,7 +155,7 @@ def generation_parameters() -> list[dict]:
         if schema.get("type") == "array":
             parameter.update(style="form", explode=True)
         parameters.append(parameter)
-    return [*parameters, IDEMPOTENCY_HEADER]
+    return [*parameters, IDEMPOTENCY_HEADER, PREFER_HEADER]
 
 
 def format_parameter() -> dict:
@@ -156,6 +185,7 @@ SCHEMAS = {
             "status": {"const": "success"},
             "task_id": STRING,
             "upstream_task_id": UPSTREAM_TASK_ID,
+            "webhook": WEBHOOK,
             "mode": {"enum": ["text-to-image", "image-to-image"]},
             "image_url": STRING,
             "image_urls": {"type": "array", "items": STRING, "minItems": 1},
@@ -172,6 +202,7 @@ SCHEMAS = {
             "status": {"const": "pending"},
             "task_id": STRING,
             "upstream_task_id": UPSTREAM_TASK_ID,
+            "webhook": WEBHOOK,
             "status_url": STRING,
             "message": STRING,
         },
@@ -183,6 +214,7 @@ SCHEMAS = {
             "status": {"const": "failed"},
             "task_id": STRING,
             "upstream_task_id": UPSTREAM_TASK_ID,
+            "webhook": WEBHOOK,
             "error": {
                 "type": "object",
                 "required": ["code", "message"],
@@ -313,7 +345,7 @@ def document(server_url: str, tokens_required: bool) -> dict:
             "post": {
                 "summary": "The same, with the fields in a form or JSON body",
                 "operationId": "generatePost",
-                "parameters": [IDEMPOTENCY_HEADER],
+                "parameters": [IDEMPOTENCY_HEADER, PREFER_HEADER],
                 "requestBody": generation_body,
                 "security": guarded,
                 "responses": GENERATION_RESPONSES,

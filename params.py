@@ -30,13 +30,25 @@ MAX_IMAGES = {"nano-banana": 10, "nano-banana-pro": 8, "nano-banana-2": 14}
 MAX_PROMPT = {"nano-banana": 5000, "nano-banana-pro": 5000, "nano-banana-2": 20000}
 MAX_USER_ID = 128
 MAX_IDEMPOTENCY_KEY = 255
+MAX_CALLBACK_URL = 2048
+CALLBACK_URL_NAMES = ("callback_url", "webhook_url")
 MAX_NUM_IMAGES = 4
 IMAGE_URL_NAMES = ("image_url", "image", "imageUrl", "image_urls")
 USER_ID_NAMES = ("user_id", "user", "userId")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
 # What each field of a JSON body must be (CONTRACT §2); fields not named here are not read.
-TEXT_FIELDS = ("prompt", "model", "resolution", "aspect_ratio", "format", "token", "idempotency_key", *USER_ID_NAMES)
+TEXT_FIELDS = (
+    "prompt",
+    "model",
+    "resolution",
+    "aspect_ratio",
+    "format",
+    "token",
+    "idempotency_key",
+    *USER_ID_NAMES,
+    *CALLBACK_URL_NAMES,
+)
 WHOLE_NUMBER_FIELDS = ("num_images",)
 NUMBER_FIELDS = ("wait",)
 FLAG_FIELDS = ("reset",)
@@ -57,6 +69,8 @@ class GenerationRequest:
     reset: bool
     wait: float
     idempotency_key: str | None = None
+    callback_url: str | None = None  # checked for its form here; where it leads, by webhooks.check_target
+    preference_applied: str | None = None  # the Prefer header's wish that set `wait`, for Preference-Applied
 
 
 def json_values(body: Any) -> dict[str, list[str]]:
@@ -121,7 +135,9 @@ def parse_user_id(values: Values) -> str | None:
     return user_id or None
 
 
-def parse_generation(values: Values, polling_window: float, idempotency_header: str | None = None) -> GenerationRequest:
+def parse_generation(
+    values: Values, polling_window: float, idempotency_header: str | None = None, prefer_header: str | None = None
+) -> GenerationRequest:
     """Check every generation parameter and gather them into one request."""
     model = _model(values)
     generation = Generation(
@@ -132,12 +148,15 @@ def parse_generation(values: Values, polling_window: float, idempotency_header: 
         resolution=_resolution(values, model),
         num_images=_num_images(values, model),
     )
+    wait, preference_applied = _wait(values, polling_window, prefer_header)
     return GenerationRequest(
         generation=generation,
         user_id=parse_user_id(values),
         reset=_flag(values, "reset"),
-        wait=_wait(values, polling_window),
+        wait=wait,
         idempotency_key=_idempotency_key(values, idempotency_header),
+        callback_url=_callback_url(values),
+        preference_applied=preference_applied,
     )
 
 
@@ -243,10 +262,36 @@ def _flag(values: Values, name: str) -> bool:
     raise InvalidParameter(f"{name} must be 1, true or yes (or leave it out).")
 
 
-def _wait(values: Values, polling_window: float) -> float:
+def _wait(values: Values, polling_window: float, prefer_header: str | None) -> tuple[float, str | None]:
+    """Seconds to wait, and the Prefer wish that chose them (an explicit `wait` wins over the header)."""
     raw = (_first(values, "wait") or "").strip()
     if not raw:
-        return polling_window
+        preferred = preferred_wait(prefer_header)
+        if preferred is None:
+            return polling_window, None
+        seconds = min(preferred, polling_window)
+        return seconds, "respond-async" if preferred == 0 else f"wait={seconds:g}"
+    return _seconds(raw, polling_window), None
+
+
+def preferred_wait(header: str | None) -> float | None:
+    """RFC 7240: `Prefer: respond-async` is no wait at all, `Prefer: wait=N` is N seconds; None: no such wish."""
+    found = None
+    for preference in (header or "").split(","):
+        name, _, value = preference.split(";", 1)[0].strip().partition("=")
+        name = name.strip().lower()
+        if name == "respond-async":
+            return 0.0
+        if name == "wait" and found is None:
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                continue
+            found = seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return found
+
+
+def _seconds(raw: str, polling_window: float) -> float:
     try:
         seconds = float(raw)
     except ValueError:
@@ -254,6 +299,19 @@ def _wait(values: Values, polling_window: float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidParameter(f"wait must be a number of seconds from 0 to {polling_window:g}.")
     return min(seconds, polling_window)
+
+
+def _callback_url(values: Values) -> str | None:
+    url = (_first(values, *CALLBACK_URL_NAMES) or "").strip()
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if len(url) > MAX_CALLBACK_URL or any(c.isspace() for c in url) or parts.scheme.lower() not in ("http", "https"):
+        raise InvalidParameter(
+            f"callback_url {_quote(url)} is not a web address; use one that starts with https:// (or http://), "
+            f"at most {MAX_CALLBACK_URL} characters."
+        )
+    return url
 
 
 def _idempotency_key(values: Values, header: str | None) -> str | None:

@@ -5,8 +5,10 @@ emulator beside it and runs in demo mode, saying so loudly. Stopping it (Ctrl+C,
 stops everything it started.
 """
 
+import base64
 import errno
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,7 +26,12 @@ DEMO_BANNER = """
   Open http://127.0.0.1:{port}/ to try it in your browser, or
   http://127.0.0.1:{port}/nanobanana?prompt=a+cat&user_id=me
   then http://127.0.0.1:{port}/nanobanana?prompt=make+it+blue&user_id=me
-==========================================================================
+{webhooks}==========================================================================
+"""
+WEBHOOK_NOTE = """
+  Webhooks (callback_url=...) are signed for this session with
+  WEBHOOK_SECRET={secret}
+  (set your own in .env to keep one across restarts)
 """
 
 
@@ -52,7 +59,11 @@ def main() -> None:
             emulator_base = f"http://127.0.0.1:{settings.port + 1}"
             started.append(subprocess.Popen(emulator_command(settings)))
             env.update(API_KEYS_1="demo-key", NANOBANANA_API_BASE=emulator_base)
-            print(DEMO_BANNER.format(emulator=emulator_base, port=settings.port), flush=True)
+            webhooks = ""
+            if not settings.webhook_secret:  # so that callback_url can be tried in demo mode too
+                env["WEBHOOK_SECRET"] = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+                webhooks = WEBHOOK_NOTE.format(secret=env["WEBHOOK_SECRET"])
+            print(DEMO_BANNER.format(emulator=emulator_base, port=settings.port, webhooks=webhooks), flush=True)
         command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
         started.append(
             subprocess.Popen([*command, "--bind", f"127.0.0.1:{settings.port}", "app:create_app()"], env=env)

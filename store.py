@@ -58,6 +58,11 @@ class TaskRecord:
     error_code: str | None = None
     error_message: str | None = None
     completed_at: float | None = None
+    callback_url: str | None = None  # the caller's webhook (CONTRACT §8), checked before it was recorded
+    webhook_id: str | None = None  # of the event being delivered: the same on every attempt
+    webhook_state: str | None = None  # pending, delivered or failed
+    webhook_attempts: int = 0
+    webhook_due: float | None = None  # when the next attempt may start (or the lease of one under way ends)
 
     @property
     def settled(self) -> bool:
@@ -113,6 +118,13 @@ class Store(Protocol):
 
     def claim_poll(self, task_id: str, interval: float) -> bool:
         """True at most once per `interval` seconds for a task: whoever gets it may ask the upstream."""
+
+    # -- webhooks to callers
+    def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
+        """Tasks whose webhook is due, each now leased to the caller until `lease_until` (nobody else sends it)."""
+
+    def webhook_attempted(self, task_id: str, webhook_id: str, state: str, attempts: int, due: float | None) -> None:
+        """Record how an attempt went, unless a newer event of the task has replaced this one."""
 
     # -- followers
     def heartbeat(self, follower: str, alive_until: float) -> None:
@@ -177,7 +189,8 @@ class Waiters:
 
 TASK_FIELDS = tuple(field.name for field in fields(TaskRecord))
 _TUPLES = {"source_image_urls", "image_urls"}
-_FLOATS = {"created_at", "submitted_at", "completed_at"}
+_FLOATS = {"created_at", "submitted_at", "completed_at", "webhook_due"}
+_INTEGERS = {"sequence", "webhook_attempts"}
 
 
 def task_fields(record: TaskRecord) -> dict[str, Any]:
@@ -204,7 +217,7 @@ def task_record(values: Mapping[str, Any]) -> TaskRecord:
             value = tuple(json.loads(value))
         elif name in _FLOATS:
             value = float(value)
-        elif name == "sequence":
+        elif name in _INTEGERS:
             value = int(value)
         elif name == "used_previous_image":
             value = str(value) == "1"
@@ -214,5 +227,6 @@ def task_record(values: Mapping[str, Any]) -> TaskRecord:
     decoded["owner"] = decoded["owner"] or ""
     decoded["follower"] = decoded["follower"] or ""
     decoded["sequence"] = decoded["sequence"] or 0
+    decoded["webhook_attempts"] = decoded["webhook_attempts"] or 0
     decoded["used_previous_image"] = bool(decoded["used_previous_image"])
     return TaskRecord(**decoded)

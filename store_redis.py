@@ -69,6 +69,8 @@ redis.call('SREM', ARGV[1] .. 'following:' .. task[2], task[1])
 if task[7] and task[7] ~= '' then
     redis.call('SET', ARGV[1] .. 'upstream:' .. task[7], task[1], 'EX', ARGV[3])
 end
+local webhook = redis.call('HMGET', KEYS[1], 'webhook_state', 'webhook_due')
+if webhook[1] == 'pending' then redis.call('ZADD', ARGV[1] .. 'webhooks', webhook[2], task[1]) end
 if task[3] == 'success' and task[4] and task[4] ~= '' then
     local user_key = ARGV[1] .. 'user:' .. task[4]
     local current = tonumber(redis.call('HGET', user_key, 'sequence')) or -1
@@ -85,6 +87,26 @@ _SUBMITTED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- lost with the store: the end writes it whole
 redis.call('HSET', KEYS[1], 'upstream_task_id', ARGV[1], 'key_id', ARGV[2], 'submitted_at', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+return 1
+"""
+# KEYS: webhooks (a sorted set of task ids by when they are due); ARGV: prefix, now, lease end, limit
+_DUE_WEBHOOKS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+for _, id in ipairs(due) do
+    redis.call('ZADD', KEYS[1], ARGV[3], id)
+    redis.call('HSET', ARGV[1] .. 'task:' .. id, 'webhook_due', ARGV[3])
+end
+return due
+"""
+# KEYS: task, webhooks; ARGV: task id, webhook id, state, attempts, due
+_WEBHOOK_ATTEMPTED = """
+if redis.call('HGET', KEYS[1], 'webhook_id') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'webhook_state', ARGV[3], 'webhook_attempts', ARGV[4], 'webhook_due', ARGV[5])
+if ARGV[3] == 'pending' then
+    redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+else
+    redis.call('ZREM', KEYS[2], ARGV[1])
+end
 return 1
 """
 # KEYS: user, sequence counter; ARGV: now, history TTL
@@ -140,6 +162,8 @@ class RedisStore:
         self._complete = self.redis.register_script(_COMPLETE)
         self._forget = self.redis.register_script(_FORGET)
         self._take_over = self.redis.register_script(_TAKE_OVER)
+        self._due_webhooks = self.redis.register_script(_DUE_WEBHOOKS)
+        self._webhook_attempted = self.redis.register_script(_WEBHOOK_ATTEMPTED)
         self._waiters = Waiters()
         self._subscriber: threading.Thread | None = None
         self._subscriber_lock = threading.Lock()
@@ -213,6 +237,18 @@ class RedisStore:
         key, milliseconds = self._key("polled:", task_id), max(1, int(interval * 1000))
         return bool(self._call(self.redis.set, key, 1, px=milliseconds, nx=True))
 
+    # -- webhooks to callers ------------------------------------------------------------------
+
+    def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
+        args = [self.prefix, now, lease_until, limit]
+        due = self._call(self._due_webhooks, keys=[self._key("webhooks")], args=args)
+        return self._records(due)
+
+    def webhook_attempted(self, task_id: str, webhook_id: str, state: str, attempts: int, due: float | None) -> None:
+        keys = [self._key("task:", task_id), self._key("webhooks")]
+        args = [task_id, webhook_id, state, attempts, "" if due is None else due]
+        self._call(self._webhook_attempted, keys=keys, args=args)
+
     # -- followers -------------------------------------------------------------------------
 
     def heartbeat(self, follower: str, alive_until: float) -> None:
@@ -220,11 +256,7 @@ class RedisStore:
 
     def take_over(self, follower: str, now: float, limit: int) -> list[TaskRecord]:
         args = [self.prefix, follower, now, limit]
-        taken = self._call(self._take_over, keys=[self._key("followers")], args=args)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for task_id in taken:
-                pipe.hgetall(self._key("task:", task_id))
-            return [task_record(fields) for fields in self._call(pipe.execute) if fields]
+        return self._records(self._call(self._take_over, keys=[self._key("followers")], args=args))
 
     def retire(self, follower: str) -> None:
         self._call(self.redis.zadd, self._key("followers"), {follower: 0})
@@ -281,6 +313,12 @@ class RedisStore:
                 self._closed.wait(1.0)  # the followers' polls cover the gap
             finally:
                 pubsub.close()
+
+    def _records(self, task_ids: list[str]) -> list[TaskRecord]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(self._key("task:", task_id))
+            return [task_record(fields) for fields in self._call(pipe.execute) if fields]
 
     def _key(self, kind: str, name: str = "") -> str:
         return self.prefix + kind + name

@@ -77,6 +77,14 @@ MIGRATIONS = (
         alive_until REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE tasks ADD COLUMN callback_url TEXT;
+    ALTER TABLE tasks ADD COLUMN webhook_id TEXT;
+    ALTER TABLE tasks ADD COLUMN webhook_state TEXT;
+    ALTER TABLE tasks ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN webhook_due REAL;
+    CREATE INDEX tasks_webhooks_due ON tasks (webhook_due) WHERE webhook_state = 'pending';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -189,6 +197,25 @@ class SqliteStore:
                 "UPDATE tasks SET last_poll = ? WHERE task_id = ? AND (last_poll IS NULL OR last_poll <= ?)",
                 (now, task_id, now - interval),
             )
+        )
+
+    # -- webhooks to callers ------------------------------------------------------------------
+
+    def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
+        with self._transaction() as db:
+            rows = db.execute(
+                f"UPDATE tasks SET webhook_due = ? WHERE task_id IN (SELECT task_id FROM tasks "
+                "WHERE webhook_state = 'pending' AND webhook_due <= ? ORDER BY webhook_due LIMIT ?) "
+                f"RETURNING {_COLUMNS}",
+                (lease_until, now, limit),
+            ).fetchall()
+        return [task_record(row) for row in rows]
+
+    def webhook_attempted(self, task_id: str, webhook_id: str, state: str, attempts: int, due: float | None) -> None:
+        self._run(
+            "UPDATE tasks SET webhook_state = ?, webhook_attempts = ?, webhook_due = ? "
+            "WHERE task_id = ? AND webhook_id = ?",
+            (state, attempts, due, task_id, webhook_id),
         )
 
     # -- followers -------------------------------------------------------------------------

@@ -37,6 +37,9 @@ class Metrics:
         self.upstream_calls = Counter(
             "nanobanana_upstream_calls", "Calls to the upstream API", ["endpoint", "outcome"], registry=registry
         )
+        self.webhooks = Counter(
+            "nanobanana_webhook_attempts", "Webhook attempts to callers, by outcome", ["outcome"], registry=registry
+        )
         self.in_flight = Gauge(
             "nanobanana_generations_in_flight",
             "Generation requests being served now",
@@ -46,6 +49,9 @@ class Metrics:
 
     def upstream_call(self, endpoint: str, outcome: str) -> None:
         self.upstream_calls.labels(endpoint, outcome).inc()
+
+    def webhook_outcome(self, outcome: str) -> None:
+        self.webhooks.labels(outcome).inc()
 
     def answered(self, route: str, method: str, path: str, status: int, duration: float, request_id: str, task_id):
         """Count a request and write its one log line."""

@@ -10,7 +10,7 @@ import responses
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from app import create_app
+from app import create_app, stop_background
 from config import Settings
 from emulator import Upstream, create_emulator
 from tests.helpers import RedisServer
@@ -100,7 +100,7 @@ def settings() -> Settings:
 def app(settings, session):
     app = create_app(settings, session=session)
     yield app
-    app.extensions["lifecycle"].stop()
+    stop_background(app)
 
 
 @pytest.fixture
