@@ -21,6 +21,7 @@ OPEN_ENDPOINTS = {
     "nanobanana.healthz",
     "nanobanana.openapi",
     "nanobanana.home",
+    "nanobanana.media",
     "static",
 }
 GENERATE_ENDPOINT = "nanobanana.generate"

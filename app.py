@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
-from flask import Blueprint, Flask, current_app, g, jsonify, make_response, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    current_app,
+    g,
+    jsonify,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
 from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -16,10 +29,11 @@ import telemetry
 from access import Unauthorized, init_access, retry_after
 from callbacks import MAX_BODY_BYTES, BodyTooLarge, CallbackReceiver
 from config import Settings, load_settings
-from lifecycle import Lifecycle, NotConfigured, conversation_key
+from lifecycle import Lifecycle, NotConfigured, UnknownTask, conversation_key
+from media import CACHE_CONTROL, LocalMedia, open_media
 from nanobanana_client import NanoBananaClient, NanoBananaError, UpstreamRejected, UpstreamUnavailable
 from params import InvalidParameter, json_values, parse_format, parse_generation, parse_user_id
-from store import IdempotencyConflict, Store, StoreUnavailable, TaskRecord
+from store import IdempotencyConflict, Picture, Store, StoreUnavailable, TaskRecord
 from store_redis import RedisStore
 from store_sqlite import SqliteStore
 from webhooks import Webhooks
@@ -29,6 +43,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("nanobanana", __name__)
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+MEDIA_MAX_AGE = 365 * 24 * 3600
 
 
 class ApiError(Exception):
@@ -65,7 +80,7 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
         on_call=metrics.upstream_call,
     )
     store = store or open_store(settings)
-    lifecycle = Lifecycle(settings, client, store)
+    lifecycle = Lifecycle(settings, client, store, open_media(settings))
     app.extensions["lifecycle"] = lifecycle
     app.extensions["webhooks"] = Webhooks(settings, store, webhook_body, on_outcome=metrics.webhook_outcome)
     hops = settings.proxy_hops
@@ -151,20 +166,43 @@ def upstream_callback():
 
 @bp.get("/nanobanana/history/<path:user_id>")
 def history(user_id: str):
+    user_id = checked_user_id(not_the_undo_address(user_id))
+    return history_body(user_id, lifecycle().store.chain(conversation_key(g.owner, user_id)))
+
+
+@bp.post("/nanobanana/history/<path:user_id>/undo")
+def undo(user_id: str):
+    """The remembered picture steps back to the one before it; the last one leaves the chain."""
     user_id = checked_user_id(user_id)
-    remembered = lifecycle().store.remembered_image(conversation_key(g.owner, user_id))
-    return {
-        "user_id": user_id,
-        "last_image_url": remembered.image_url if remembered else None,
-        "updated_at": iso8601(remembered.updated_at) if remembered else None,
-    }
+    conversation = conversation_key(g.owner, user_id)
+    if lifecycle().store.undo(conversation) is None:
+        raise ApiError(409, "nothing_to_undo", "There is no picture to undo: this conversation has none yet.")
+    return history_body(user_id, lifecycle().store.chain(conversation))
 
 
 @bp.delete("/nanobanana/history/<path:user_id>")
 def forget_history(user_id: str):
-    user_id = checked_user_id(user_id)
-    lifecycle().store.forget(conversation_key(g.owner, user_id))
+    """Forget the chain, and remove the lasting copies of its pictures."""
+    user_id = checked_user_id(not_the_undo_address(user_id))
+    dropped = lifecycle().store.forget(conversation_key(g.owner, user_id))
+    if lifecycle().media is not None:
+        lifecycle().media.delete([picture.image_url for picture in dropped])
     return {"user_id": user_id, "cleared": True}
+
+
+@bp.get("/media/<name>", endpoint="media")
+def media_file(name: str):
+    """A lasting copy (MEDIA_STORE=local): never changes, so it may be cached for a year."""
+    media = lifecycle().media
+    path = media.path(name) if isinstance(media, LocalMedia) else None
+    if path is None or not os.path.isfile(path):
+        raise ApiError(404, "not_found", "There is no picture at this address.")
+    response = send_file(path, max_age=MEDIA_MAX_AGE, conditional=True)
+    response.headers["Cache-Control"] = CACHE_CONTROL
+    # The file came from elsewhere: an SVG must not run anything in this origin.
+    response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 @bp.get("/nanobanana/credits")
@@ -247,6 +285,31 @@ def parse_json(raw: bytes):
         ) from None
 
 
+def history_body(user_id: str, chain: list[Picture]) -> dict:
+    last = chain[-1] if chain else None
+    return {
+        "user_id": user_id,
+        "last_image_url": last.image_url if last else None,
+        "updated_at": iso8601(last.created_at) if last else None,
+        "chain": [
+            {
+                "task_id": picture.task_id,
+                "image_url": picture.image_url,
+                "prompt": picture.prompt,
+                "created_at": iso8601(picture.created_at),
+            }
+            for picture in chain
+        ],
+    }
+
+
+def not_the_undo_address(user_id: str) -> str:
+    """User ids may hold a slash, so .../history/<id>/undo would also read as a user: it is undo's, POST only."""
+    if user_id.endswith("/undo"):
+        raise MethodNotAllowed(valid_methods=["POST"])
+    return user_id
+
+
 def checked_user_id(user_id: str) -> str:
     checked = parse_user_id({"user_id": [user_id]})
     if checked is None:
@@ -289,6 +352,7 @@ def task_answer(record: TaskRecord, elapsed: float, status_url: str | None = Non
                 "mode": record.mode,
                 "image_url": record.image_urls[0],
                 "image_urls": list(record.image_urls),
+                "upstream_image_url": (record.upstream_image_urls or record.image_urls)[0],
                 "source_image_urls": list(record.source_image_urls),
                 "used_previous_image": record.used_previous_image,
                 "user_id": record.user_id,
@@ -412,6 +476,8 @@ def to_api_error(error: Exception) -> ApiError:
         return ApiError(422, "idempotency_conflict", message)
     if isinstance(error, BodyTooLarge):
         return ApiError(413, *HTTP_ERRORS[413])
+    if isinstance(error, UnknownTask):
+        return ApiError(404, "not_found", "from_task names no finished picture of yours. Tasks are kept for 24 hours.")
     if isinstance(error, NotConfigured):
         return ApiError(503, "not_configured", "This service has no API key yet. Its owner needs to set API_KEYS_1.")
     if isinstance(error, UpstreamRejected):

@@ -21,6 +21,7 @@ from dotenv import dotenv_values
 DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
 DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
 DEFAULT_DATABASE_PATH = "data/nanobanana.sqlite3"
+DEFAULT_MEDIA_DIR = "data/media"
 CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, for a callback that never comes
 WEBHOOK_RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0)  # after each failed attempt, then given up
 REQUEST_LINE_LIMIT = 256 * 1024  # a GET may carry a 20,000-character prompt: about 240 KB percent-encoded
@@ -48,6 +49,9 @@ class Settings:
     webhook_allow_private: bool = False
     webhook_retry_delays: tuple[float, ...] = WEBHOOK_RETRY_DELAYS
     webhook_timeout: float = 15.0  # seconds an attempt may take before it counts as failed
+    media_store: str | None = None  # None, "local" or "s3://bucket/prefix": where lasting copies of pictures go
+    media_dir: str = DEFAULT_MEDIA_DIR
+    s3_endpoint_url: str | None = None
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
@@ -125,6 +129,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
         webhook_allow_private=_flag(env, "WEBHOOK_ALLOW_PRIVATE"),
         webhook_retry_delays=_delays(env, "WEBHOOK_RETRY_DELAYS", WEBHOOK_RETRY_DELAYS),
         webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", 15.0, minimum=0.1),
+        media_store=_media_store(env),
+        media_dir=_text(env, "MEDIA_DIR", DEFAULT_MEDIA_DIR),
+        s3_endpoint_url=_url(env, "S3_ENDPOINT_URL", None),
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
@@ -170,6 +177,15 @@ def _webhook_secret(env: Mapping[str, str]) -> str | None:
             "python3 -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
         )
     return value
+
+
+def _media_store(env: Mapping[str, str]) -> str | None:
+    value = env.get("MEDIA_STORE", "").strip()
+    if not value:
+        return None
+    if value == "local" or re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", value):
+        return value
+    raise ConfigError(f"MEDIA_STORE={value!r} must be local, or s3://bucket/prefix (like s3://my-pictures/nanobanana)")
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

@@ -15,6 +15,8 @@ Behaviour is chosen per task by markers in the prompt:
   [submit-hang=S]    the task is created, but the answer is held back S seconds
   [callback=never|twice]   the callback is skipped, or delivered twice
   [callback-delay=S] the callback comes S seconds after the result
+  [file-lifetime=S]  the picture's file is gone S seconds after the result (the real one lives ~14 days)
+  [file-type=T]      the picture's file is served as content type T (text/html, say: not a picture)
 
 Run it alone:  python emulator.py --port 9000 --delay 3 --key demo-key=100 --key empty-key=0
 (served by gunicorn with gevent, like the service)
@@ -219,7 +221,9 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
         task = upstream.tasks.get(task_id)
         if task is None or task.flag_when_done != 1 or time.monotonic() < task.ready_at:
             return Response("not found", 404, mimetype="text/plain")
-        return Response(placeholder_svg(task, number), mimetype="image/svg+xml")
+        if time.monotonic() > task.ready_at + float(task.markers.get("file-lifetime", "inf")):
+            return Response("gone", 404, mimetype="text/plain")
+        return Response(placeholder_svg(task, number), content_type=task.markers.get("file-type", "image/svg+xml"))
 
     return app
 

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 from config import Settings
+from media import Media
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
     PENDING,
@@ -66,6 +67,10 @@ class NotConfigured(Exception):
     """No API key is configured, so nothing can be made."""
 
 
+class UnknownTask(Exception):
+    """from_task names no finished picture of this caller."""
+
+
 @dataclass
 class Following:
     """A task followed by this process; requests for it wait on `ended`."""
@@ -77,10 +82,11 @@ class Following:
 
 
 class Lifecycle:
-    def __init__(self, settings: Settings, client: NanoBananaClient, store: Store):
+    def __init__(self, settings: Settings, client: NanoBananaClient, store: Store, media: Media | None = None):
         self.settings = settings
         self.client = client
         self.store = store
+        self.media = media  # where lasting copies of finished pictures go; None: the upstream's addresses stay
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._following: dict[str, Following] = {}
         self._polls: list[tuple[float, int, Following]] = []  # a heap: when each followed task is asked next
@@ -132,7 +138,7 @@ class Lifecycle:
         conversation = conversation_key(owner, wanted.user_id)
         if wanted.reset and conversation:
             self.store.forget(conversation)
-        generation, used_previous = self._choose_images(wanted.generation, conversation)
+        generation, used_previous = self._choose_images(wanted, conversation, owner)
         record, new = self.store.record_task(
             TaskRecord(
                 task_id=uuid.uuid4().hex,
@@ -146,6 +152,7 @@ class Lifecycle:
                 callback_secret=secrets.token_urlsafe(18) if self.settings.callbacks else None,
                 follower=self.follower_id,
                 callback_url=wanted.callback_url,
+                prompt=generation.prompt,
             ),
             key,
         )
@@ -165,7 +172,7 @@ class Lifecycle:
         status = self._ask(task)
         if not status.done:
             return record
-        return self._record_end(ended(record, status))
+        return self._record_end(self._with_copies(ended(record, status)))
 
     def receive_callback(self, task_id: str, secret: str, body) -> str:
         """Record the end of a task from its callback, if the callback is genuine; wake whoever waits."""
@@ -180,8 +187,18 @@ class Lifecycle:
             return upstream_task_id
         status = parse_callback(body)
         if status is not None and not record.settled:
-            self._record_end(ended(replace(record, upstream_task_id=upstream_task_id), status))
+            end = ended(replace(record, upstream_task_id=upstream_task_id), status)
+            if self.media is None or end.state != "success":
+                self._record_end(end)
+            else:  # the upstream waits 15 s at most for the answer; copying the picture may take longer
+                _thread.start_new_thread(self._record_callback, (end,))
         return record.task_id
+
+    def _record_callback(self, end: TaskRecord) -> None:
+        try:
+            self._record_end(self._with_copies(end))
+        except StoreUnavailable:
+            log.warning("the store is unavailable: task %s ends at its next poll instead", end.task_id)
 
     # -- following a task ------------------------------------------------------------------
 
@@ -242,7 +259,7 @@ class Lifecycle:
         if following.ended.is_set():
             return  # a callback ended it meanwhile
         if end is not None:
-            self._finish(following, end)
+            self._finish(following, self._with_copies(end))
         elif time.time() >= record.created_at + TASK_TTL:
             self._finish(following, settled(record, "failed", "upstream_error", GIVEN_UP_MESSAGE))
         else:
@@ -412,14 +429,41 @@ class Lifecycle:
             )
         check_target(url, self.settings.webhook_allow_private)
 
-    def _choose_images(self, generation: Generation, conversation: str | None) -> tuple[Generation, bool]:
-        """Explicit images first, else the user's remembered image, else none."""
-        if generation.image_urls or not conversation:
+    def _choose_images(
+        self, wanted: GenerationRequest, conversation: str | None, owner: str
+    ) -> tuple[Generation, bool]:
+        """Explicit images first, else the picture of from_task, else the user's remembered one, else none."""
+        generation = wanted.generation
+        if generation.image_urls:
             return generation, False
-        remembered = self.store.remembered_image(conversation)
-        if remembered is None:
+        if wanted.from_task:
+            source = self._picture_of(wanted.from_task, owner)
+        elif conversation and (last := self.store.last_picture(conversation)) is not None:
+            source = self._editable(last.image_url, last.upstream_image_url)
+        else:
             return generation, False
-        return replace(generation, image_urls=(remembered.image_url,)), True
+        return replace(generation, image_urls=(source,)), True
+
+    def _picture_of(self, task_id: str, owner: str) -> str:
+        """The picture of an earlier task of this caller, to edit it."""
+        record = self.store.task(task_id)
+        if record is None or record.owner != owner or record.state != "success":
+            raise UnknownTask()
+        original = record.upstream_image_urls[0] if record.upstream_image_urls else None
+        return self._editable(record.image_urls[0], original)
+
+    def _editable(self, image_url: str, original: str | None) -> str:
+        """The address to send the upstream for an edit: the lasting copy if the upstream can fetch it."""
+        if self.media is None or self.media.reachable or original is None:
+            return image_url
+        return original
+
+    def _with_copies(self, end: TaskRecord) -> TaskRecord:
+        """A success whose pictures are copied to the media store, before anyone is answered or it is remembered."""
+        if self.media is None or end.state != "success":
+            return end
+        copies = tuple(self.media.keep(url) or url for url in end.image_urls)
+        return replace(end, image_urls=copies)
 
     def _upstream_task(self, record: TaskRecord) -> Task | None:
         number = self.client.keys.number_of(record.key_id)
@@ -459,7 +503,8 @@ class Lifecycle:
 def ended(record: TaskRecord, status: TaskStatus) -> TaskRecord:
     """The record with the end the upstream reported."""
     code = None if status.state == "success" else "generation_failed"
-    return replace(settled(record, status.state, code, status.error_message), image_urls=status.image_urls)
+    end = settled(record, status.state, code, status.error_message)
+    return replace(end, image_urls=status.image_urls, upstream_image_urls=status.image_urls)
 
 
 def settled(record: TaskRecord, state: str, error_code: str | None, message: str | None) -> TaskRecord:
@@ -487,6 +532,12 @@ def idempotency_key(wanted: GenerationRequest, owner: str) -> IdempotencyKey | N
     if wanted.idempotency_key is None:
         return None
     scope = hashlib.sha256(f"{owner}\n{wanted.idempotency_key}".encode()).hexdigest()
-    asked = {**asdict(wanted.generation), "user_id": wanted.user_id, "reset": wanted.reset, "to": wanted.callback_url}
+    asked = {
+        **asdict(wanted.generation),
+        "user_id": wanted.user_id,
+        "reset": wanted.reset,
+        "to": wanted.callback_url,
+        "from": wanted.from_task,
+    }
     fingerprint = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
     return IdempotencyKey(scope, fingerprint)

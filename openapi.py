@@ -115,6 +115,11 @@ GENERATION_FIELDS = {
         "maxLength": MAX_IDEMPOTENCY_KEY,
         "description": "The same key (with the same parameters) within 24 hours is the same picture, paid once",
     },
+    "from_task": {
+        "type": "string",
+        "maxLength": 128,
+        "description": "A task of yours whose picture to edit, instead of the remembered one",
+    },
     "callback_url": {
         "type": "string",
         "format": "uri",
@@ -189,6 +194,10 @@ SCHEMAS = {
             "mode": {"enum": ["text-to-image", "image-to-image"]},
             "image_url": STRING,
             "image_urls": {"type": "array", "items": STRING, "minItems": 1},
+            "upstream_image_url": {
+                "type": "string",
+                "description": "The upstream's own address (image_url may be a copy)",
+            },
             "source_image_urls": {"type": "array", "items": STRING},
             "used_previous_image": {"type": "boolean"},
             "user_id": {"type": ["string", "null"]},
@@ -251,6 +260,7 @@ SCHEMAS = {
                             "store_unavailable",
                             "idempotency_conflict",
                             "request_timeout",
+                            "nothing_to_undo",
                         ]
                     },
                     "message": STRING,
@@ -260,11 +270,25 @@ SCHEMAS = {
     },
     "History": {
         "type": "object",
-        "required": ["user_id", "last_image_url", "updated_at"],
+        "required": ["user_id", "last_image_url", "updated_at", "chain"],
         "properties": {
             "user_id": STRING,
             "last_image_url": {"type": ["string", "null"]},
             "updated_at": {"type": ["string", "null"], "format": "date-time"},
+            "chain": {
+                "type": "array",
+                "description": "The user's pictures, oldest first, the last one remembered",
+                "items": {
+                    "type": "object",
+                    "required": ["task_id", "image_url", "prompt", "created_at"],
+                    "properties": {
+                        "task_id": STRING,
+                        "image_url": STRING,
+                        "prompt": {"type": ["string", "null"]},
+                        "created_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+            },
         },
     },
     "Cleared": {
@@ -381,6 +405,31 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 "security": guarded,
                 "responses": {"200": json_response("Forgotten", ref("Cleared")), **COMMON_ERRORS},
             },
+        },
+        "/nanobanana/history/{user_id}/undo": {
+            "post": {
+                "summary": "Step back: the picture before the last is remembered again",
+                "operationId": "undo",
+                "parameters": [USER_ID_PATH],
+                "security": guarded,
+                "responses": {
+                    "200": json_response("The chain, one picture shorter", ref("History")),
+                    "409": error_response("There is nothing to undo"),
+                    **COMMON_ERRORS,
+                },
+            }
+        },
+        "/media/{name}": {
+            "get": {
+                "summary": "A lasting copy of a picture (MEDIA_STORE=local)",
+                "operationId": "media",
+                "parameters": [{"name": "name", "in": "path", "required": True, "schema": STRING}],
+                "security": [],
+                "responses": {
+                    "200": {"description": "The picture", "content": {"image/*": {"schema": STRING}}},
+                    "404": COMMON_ERRORS["404"],
+                },
+            }
         },
         "/nanobanana/credits": {
             "get": {

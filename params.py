@@ -31,6 +31,7 @@ MAX_PROMPT = {"nano-banana": 5000, "nano-banana-pro": 5000, "nano-banana-2": 200
 MAX_USER_ID = 128
 MAX_IDEMPOTENCY_KEY = 255
 MAX_CALLBACK_URL = 2048
+MAX_TASK_ID = 128
 CALLBACK_URL_NAMES = ("callback_url", "webhook_url")
 MAX_NUM_IMAGES = 4
 IMAGE_URL_NAMES = ("image_url", "image", "imageUrl", "image_urls")
@@ -48,6 +49,7 @@ TEXT_FIELDS = (
     "idempotency_key",
     *USER_ID_NAMES,
     *CALLBACK_URL_NAMES,
+    "from_task",
 )
 WHOLE_NUMBER_FIELDS = ("num_images",)
 NUMBER_FIELDS = ("wait",)
@@ -70,6 +72,7 @@ class GenerationRequest:
     wait: float
     idempotency_key: str | None = None
     callback_url: str | None = None  # checked for its form here; where it leads, by webhooks.check_target
+    from_task: str | None = None  # a task of this caller whose picture to edit (CONTRACT §9)
     preference_applied: str | None = None  # the Prefer header's wish that set `wait`, for Preference-Applied
 
 
@@ -156,6 +159,7 @@ def parse_generation(
         wait=wait,
         idempotency_key=_idempotency_key(values, idempotency_header),
         callback_url=_callback_url(values),
+        from_task=_from_task(values),
         preference_applied=preference_applied,
     )
 
@@ -299,6 +303,13 @@ def _seconds(raw: str, polling_window: float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidParameter(f"wait must be a number of seconds from 0 to {polling_window:g}.")
     return min(seconds, polling_window)
+
+
+def _from_task(values: Values) -> str | None:
+    task_id = (_first(values, "from_task") or "").strip()
+    if len(task_id) > MAX_TASK_ID:
+        raise InvalidParameter(f"from_task must be a task_id, at most {MAX_TASK_ID} characters.")
+    return task_id or None
 
 
 def _callback_url(values: Values) -> str | None:

@@ -21,6 +21,7 @@ IDEMPOTENCY_TTL = 24 * 3600
 # A follower (a process) that has not renewed its lease for this long is gone, and its tasks are
 # taken over. Recording a task counts as a renewal for a follower the store does not know yet.
 FOLLOWER_LEASE = 10.0
+CHAIN_LENGTH = 50  # pictures kept in a user's chain, the latest
 
 
 class StoreUnavailable(Exception):
@@ -58,6 +59,8 @@ class TaskRecord:
     error_code: str | None = None
     error_message: str | None = None
     completed_at: float | None = None
+    prompt: str | None = None
+    upstream_image_urls: tuple[str, ...] = ()  # the upstream's own addresses, when image_urls are lasting copies
     callback_url: str | None = None  # the caller's webhook (CONTRACT §8), checked before it was recorded
     webhook_id: str | None = None  # of the event being delivered: the same on every attempt
     webhook_state: str | None = None  # pending, delivered or failed
@@ -71,9 +74,19 @@ class TaskRecord:
 
 
 @dataclass(frozen=True)
-class Remembered:
+class Picture:
+    """One picture of a user's chain (CONTRACT §9)."""
+
+    task_id: str
     image_url: str
-    updated_at: float
+    prompt: str | None
+    created_at: float  # when it joined the chain
+    upstream_image_url: str | None = None  # the upstream's address, while it lives
+
+    @classmethod
+    def of(cls, record: TaskRecord, now: float) -> Picture:
+        original = record.upstream_image_urls[0] if record.upstream_image_urls else None
+        return cls(record.task_id, record.image_urls[0], record.prompt, now, original)
 
 
 @dataclass(frozen=True)
@@ -87,9 +100,18 @@ class IdempotencyKey:
 class Store(Protocol):
     name: str
 
-    # -- conversations
-    def remembered_image(self, conversation: str) -> Remembered | None: ...
-    def forget(self, conversation: str) -> None: ...
+    # -- conversations: each a chain of pictures, the last one remembered
+    def last_picture(self, conversation: str) -> Picture | None:
+        """The user's remembered picture: the last of the chain, unless it expired or was forgotten."""
+
+    def chain(self, conversation: str) -> list[Picture]:
+        """The user's pictures, oldest first, at most CHAIN_LENGTH."""
+
+    def undo(self, conversation: str) -> Picture | None:
+        """Drop the last picture of the chain (the one before it is remembered again); None if there is none."""
+
+    def forget(self, conversation: str) -> list[Picture]:
+        """Drop the chain, and bar results of tasks recorded before now from it; the pictures dropped."""
 
     # -- the ledger
     def record_task(self, record: TaskRecord, key: IdempotencyKey | None = None) -> tuple[TaskRecord, bool]:
@@ -109,7 +131,8 @@ class Store(Protocol):
     def complete_task(self, record: TaskRecord) -> TaskRecord:
         """Record a task's end (written whole, so a record lost with the store comes back), once.
 
-        A success becomes the user's picture unless a task recorded later already gave one.
+        A success joins the user's chain in the order the tasks were recorded, so a late one never
+        replaces the picture of a task recorded after it.
         An unconfirmed task may still end; a settled one never changes.
         """
 
@@ -188,7 +211,7 @@ class Waiters:
 # -- a task record as flat fields, for both stores --------------------------------------
 
 TASK_FIELDS = tuple(field.name for field in fields(TaskRecord))
-_TUPLES = {"source_image_urls", "image_urls"}
+_TUPLES = {"source_image_urls", "image_urls", "upstream_image_urls"}
 _FLOATS = {"created_at", "submitted_at", "completed_at", "webhook_due"}
 _INTEGERS = {"sequence", "webhook_attempts"}
 
@@ -224,6 +247,7 @@ def task_record(values: Mapping[str, Any]) -> TaskRecord:
         decoded[name] = value
     decoded["source_image_urls"] = decoded["source_image_urls"] or ()
     decoded["image_urls"] = decoded["image_urls"] or ()
+    decoded["upstream_image_urls"] = decoded["upstream_image_urls"] or ()
     decoded["owner"] = decoded["owner"] or ""
     decoded["follower"] = decoded["follower"] or ""
     decoded["sequence"] = decoded["sequence"] or 0

@@ -7,23 +7,25 @@ Keys expire by themselves (tasks after a day, users after HISTORY_TTL); nothing 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from store import (
+    CHAIN_LENGTH,
     FOLLOWER_LEASE,
     IDEMPOTENCY_TTL,
     TASK_TTL,
     IdempotencyConflict,
     IdempotencyKey,
-    Remembered,
+    Picture,
     StoreUnavailable,
     TaskRecord,
     Waiters,
@@ -55,29 +57,32 @@ redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'following:' .. ARGV[3], ARGV[2])
 return {ARGV[2], tostring(sequence)}
 """
-# KEYS: task; ARGV: prefix, history TTL, task TTL, now, then the ended task's field/value pairs.
-# Written whole: a task whose record Redis lost (a restart without persistence) comes back.
+# KEYS: task; ARGV: prefix, history TTL, task TTL, now, the picture (JSON; "" unless a success), chain length,
+# then the ended task's field/value pairs. Written whole: a task whose record Redis lost (a restart without
+# persistence) comes back.
 _COMPLETE = """
 local stored = redis.call('HMGET', KEYS[1], 'state', 'follower')
 if stored[1] and stored[1] ~= 'pending' and stored[1] ~= 'unconfirmed' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local task = redis.call('HMGET', KEYS[1], 'task_id', 'follower', 'state', 'conversation', 'sequence',
-                        'image_urls', 'upstream_task_id')
+                        'upstream_task_id')
 if stored[2] then redis.call('SREM', ARGV[1] .. 'following:' .. stored[2], task[1]) end
 redis.call('SREM', ARGV[1] .. 'following:' .. task[2], task[1])
-if task[7] and task[7] ~= '' then
-    redis.call('SET', ARGV[1] .. 'upstream:' .. task[7], task[1], 'EX', ARGV[3])
+if task[6] and task[6] ~= '' then
+    redis.call('SET', ARGV[1] .. 'upstream:' .. task[6], task[1], 'EX', ARGV[3])
 end
 local webhook = redis.call('HMGET', KEYS[1], 'webhook_state', 'webhook_due')
 if webhook[1] == 'pending' then redis.call('ZADD', ARGV[1] .. 'webhooks', webhook[2], task[1]) end
-if task[3] == 'success' and task[4] and task[4] ~= '' then
-    local user_key = ARGV[1] .. 'user:' .. task[4]
-    local current = tonumber(redis.call('HGET', user_key, 'sequence')) or -1
-    if current < tonumber(task[5]) then
-        local first = cjson.decode(task[6])[1]
-        redis.call('HSET', user_key, 'image_url', first, 'sequence', task[5], 'updated_at', ARGV[4])
+if task[3] == 'success' and task[4] and task[4] ~= '' and ARGV[5] ~= '' then
+    local user_key, chain_key = ARGV[1] .. 'user:' .. task[4], ARGV[1] .. 'chain:' .. task[4]
+    local forgotten_before = tonumber(redis.call('HGET', user_key, 'forgotten_before')) or -1
+    if tonumber(task[5]) > forgotten_before then
+        redis.call('ZADD', chain_key, task[5], ARGV[5])
+        redis.call('ZREMRANGEBYRANK', chain_key, 0, -(tonumber(ARGV[6]) + 1))
+        redis.call('HSET', user_key, 'forgotten_before', forgotten_before, 'updated_at', ARGV[4])
         redis.call('EXPIRE', user_key, ARGV[2])
+        redis.call('EXPIRE', chain_key, ARGV[2])
     end
 end
 return 1
@@ -109,11 +114,21 @@ else
 end
 return 1
 """
-# KEYS: user, sequence counter; ARGV: now, history TTL
+# KEYS: user, chain, sequence counter; ARGV: now, history TTL. Returns the pictures dropped.
 _FORGET = """
-local sequence = tonumber(redis.call('GET', KEYS[2])) or 0
-redis.call('HSET', KEYS[1], 'image_url', '', 'sequence', sequence, 'updated_at', ARGV[1])
+local dropped = redis.call('ZRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'forgotten_before', tonumber(redis.call('GET', KEYS[3])) or 0, 'updated_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+return dropped
+"""
+# KEYS: user, chain; ARGV: now, history TTL. Returns the picture dropped, or nil.
+_UNDO = """
+local last = redis.call('ZPOPMAX', KEYS[2])
+if #last == 0 then return nil end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return last[1]
 """
 # KEYS: followers; ARGV: prefix, taker, now, limit. Moves tasks of followers whose lease ran out.
 _TAKE_OVER = """
@@ -161,6 +176,7 @@ class RedisStore:
         self._submitted = self.redis.register_script(_SUBMITTED)
         self._complete = self.redis.register_script(_COMPLETE)
         self._forget = self.redis.register_script(_FORGET)
+        self._undo = self.redis.register_script(_UNDO)
         self._take_over = self.redis.register_script(_TAKE_OVER)
         self._due_webhooks = self.redis.register_script(_DUE_WEBHOOKS)
         self._webhook_attempted = self.redis.register_script(_WEBHOOK_ATTEMPTED)
@@ -171,15 +187,21 @@ class RedisStore:
 
     # -- conversations ---------------------------------------------------------------------
 
-    def remembered_image(self, conversation: str) -> Remembered | None:
-        entry = self._call(self.redis.hgetall, self._key("user:", conversation))
-        if not entry.get("image_url"):
-            return None
-        return Remembered(entry["image_url"], float(entry["updated_at"]))
+    def last_picture(self, conversation: str) -> Picture | None:
+        last = self._call(self.redis.zrange, self._key("chain:", conversation), -1, -1)
+        return _picture(last[0]) if last else None
 
-    def forget(self, conversation: str) -> None:
-        keys = [self._key("user:", conversation), self._key("sequence")]
-        self._call(self._forget, keys=keys, args=[self.clock(), self.history_ttl])
+    def chain(self, conversation: str) -> list[Picture]:
+        return [_picture(entry) for entry in self._call(self.redis.zrange, self._key("chain:", conversation), 0, -1)]
+
+    def undo(self, conversation: str) -> Picture | None:
+        keys = [self._key("user:", conversation), self._key("chain:", conversation)]
+        dropped = self._call(self._undo, keys=keys, args=[self.clock(), self.history_ttl])
+        return _picture(dropped) if dropped else None
+
+    def forget(self, conversation: str) -> list[Picture]:
+        keys = [self._key("user:", conversation), self._key("chain:", conversation), self._key("sequence")]
+        return [_picture(entry) for entry in self._call(self._forget, keys=keys, args=[self.clock(), self.history_ttl])]
 
     # -- the ledger ------------------------------------------------------------------------
 
@@ -224,7 +246,9 @@ class RedisStore:
         self._call(self._submitted, keys=keys, args=[upstream_task_id, key_id, submitted_at, task_id, TASK_TTL])
 
     def complete_task(self, record: TaskRecord) -> TaskRecord:
-        args = [self.prefix, self.history_ttl, TASK_TTL, self.clock(), *_pairs(task_fields(record))]
+        now = self.clock()
+        picture = json.dumps(asdict(Picture.of(record, now))) if record.state == "success" else ""
+        args = [self.prefix, self.history_ttl, TASK_TTL, now, picture, CHAIN_LENGTH, *_pairs(task_fields(record))]
         self._call(self._complete, keys=[self._key("task:", record.task_id)], args=args)
         return self.task(record.task_id) or record
 
@@ -329,6 +353,10 @@ class RedisStore:
             return function(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise StoreUnavailable(str(error)) from None
+
+
+def _picture(entry: str) -> Picture:
+    return Picture(**json.loads(entry))
 
 
 def _pairs(values: dict) -> list:

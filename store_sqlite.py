@@ -17,13 +17,14 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
 from store import (
+    CHAIN_LENGTH,
     FOLLOWER_LEASE,
     IDEMPOTENCY_TTL,
     TASK_FIELDS,
     TASK_TTL,
     IdempotencyConflict,
     IdempotencyKey,
-    Remembered,
+    Picture,
     StoreUnavailable,
     TaskRecord,
     Waiters,
@@ -85,6 +86,25 @@ MIGRATIONS = (
     ALTER TABLE tasks ADD COLUMN webhook_due REAL;
     CREATE INDEX tasks_webhooks_due ON tasks (webhook_due) WHERE webhook_state = 'pending';
     """,
+    """
+    ALTER TABLE tasks ADD COLUMN prompt TEXT;
+    ALTER TABLE tasks ADD COLUMN upstream_image_urls TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE pictures (
+        conversation TEXT NOT NULL,
+        sequence INTEGER NOT NULL,  -- of the task that made it: the chain's order
+        task_id TEXT NOT NULL,
+        image_url TEXT NOT NULL,
+        upstream_image_url TEXT,
+        prompt TEXT,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (conversation, sequence)
+    );
+    INSERT INTO pictures SELECT conversation, sequence, '', image_url, image_url, NULL, updated_at
+        FROM history WHERE image_url IS NOT NULL;
+    UPDATE history SET sequence = -1 WHERE image_url IS NOT NULL;
+    ALTER TABLE history DROP COLUMN image_url;
+    ALTER TABLE history RENAME COLUMN sequence TO forgotten_before;  -- results of older tasks stay out
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -110,24 +130,80 @@ class SqliteStore:
 
     # -- conversations ---------------------------------------------------------------------
 
-    def remembered_image(self, conversation: str) -> Remembered | None:
-        """The user's last picture, unless it expired or was forgotten."""
-        row = self._one(
-            "SELECT image_url, updated_at FROM history WHERE conversation = ? AND updated_at > ?",
-            (conversation, self.clock() - self.history_ttl),
-        )
-        if row is None or row["image_url"] is None:
-            return None
-        return Remembered(row["image_url"], row["updated_at"])
+    def last_picture(self, conversation: str) -> Picture | None:
+        pictures = self._pictures(conversation, "DESC LIMIT 1")
+        return pictures[0] if pictures else None
 
-    def forget(self, conversation: str) -> None:
-        """Forget the user's picture; results of tasks recorded before now stay forgotten too."""
+    def chain(self, conversation: str) -> list[Picture]:
+        return self._pictures(conversation, "ASC")
+
+    def undo(self, conversation: str) -> Picture | None:
         with self._transaction() as db:
+            last = self._live(db, conversation, "DESC LIMIT 1")
+            if not last:
+                return None
+            db.execute("DELETE FROM pictures WHERE conversation = ? AND task_id = ?", (conversation, last[0].task_id))
+            db.execute("UPDATE history SET updated_at = ? WHERE conversation = ?", (self.clock(), conversation))
+        return last[0]
+
+    def forget(self, conversation: str) -> list[Picture]:
+        with self._transaction() as db:
+            dropped = self._live(db, conversation, "ASC")
+            db.execute("DELETE FROM pictures WHERE conversation = ?", (conversation,))
             row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO history (conversation, image_url, sequence, updated_at) VALUES (?, NULL, ?, ?)",
+                "INSERT OR REPLACE INTO history (conversation, forgotten_before, updated_at) VALUES (?, ?, ?)",
                 (conversation, row["seq"] if row else 0, self.clock()),
             )
+        return dropped
+
+    def _pictures(self, conversation: str, order: str) -> list[Picture]:
+        with self._lock, _unavailable_on_error():
+            return self._live(self._db, conversation, order)
+
+    def _live(self, db: sqlite3.Connection, conversation: str, order: str) -> list[Picture]:
+        """The chain's pictures in `order` (an ORDER BY tail), unless the conversation expired."""
+        rows = db.execute(
+            "SELECT p.task_id, p.image_url, p.prompt, p.created_at, p.upstream_image_url FROM pictures p "
+            "JOIN history h ON h.conversation = p.conversation "
+            f"WHERE p.conversation = ? AND h.updated_at > ? ORDER BY p.sequence {order}",
+            (conversation, self.clock() - self.history_ttl),
+        ).fetchall()
+        return [Picture(**row) for row in rows]
+
+    def _add_picture(self, db: sqlite3.Connection, record: TaskRecord) -> None:
+        """A success joins its user's chain, in the order of recording, unless the user forgot since."""
+        now = self.clock()
+        history = db.execute(
+            "SELECT forgotten_before, updated_at FROM history WHERE conversation = ?", (record.conversation,)
+        ).fetchone()
+        if history and record.sequence <= history["forgotten_before"]:
+            return
+        if history and history["updated_at"] <= now - self.history_ttl:  # expired: start a new chain
+            db.execute("DELETE FROM pictures WHERE conversation = ?", (record.conversation,))
+        picture = Picture.of(record, now)
+        db.execute(
+            "INSERT OR IGNORE INTO pictures VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.conversation,
+                record.sequence,
+                picture.task_id,
+                picture.image_url,
+                picture.upstream_image_url,
+                picture.prompt,
+                now,
+            ),
+        )
+        db.execute(
+            "INSERT INTO history (conversation, forgotten_before, updated_at) VALUES (?, -1, ?) "
+            "ON CONFLICT (conversation) DO UPDATE SET updated_at = excluded.updated_at",
+            (record.conversation, now),
+        )
+        db.execute(
+            "DELETE FROM pictures WHERE conversation = ? AND sequence NOT IN "
+            "(SELECT sequence FROM pictures WHERE conversation = ? ORDER BY sequence DESC LIMIT ?)",
+            (record.conversation, record.conversation, CHAIN_LENGTH),
+        )
 
     # -- the ledger ------------------------------------------------------------------------
 
@@ -177,13 +253,7 @@ class SqliteStore:
                 task_fields(record),
             ).rowcount
             if changed and record.state == "success" and record.conversation is not None:
-                db.execute(
-                    "INSERT INTO history (conversation, image_url, sequence, updated_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (conversation) DO UPDATE SET image_url = excluded.image_url, "
-                    "sequence = excluded.sequence, updated_at = excluded.updated_at "
-                    "WHERE history.sequence < excluded.sequence",
-                    (record.conversation, record.image_urls[0], record.sequence, self.clock()),
-                )
+                self._add_picture(db, record)
             row = db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (record.task_id,)).fetchone()
         return task_record(row)
 
@@ -271,6 +341,7 @@ class SqliteStore:
                 "(SELECT conversation FROM history ORDER BY updated_at DESC LIMIT -1 OFFSET ?)",
                 (self.max_users,),
             )
+            db.execute("DELETE FROM pictures WHERE conversation NOT IN (SELECT conversation FROM history)")
             db.execute(
                 "DELETE FROM followers WHERE alive_until < ? AND follower NOT IN "
                 "(SELECT follower FROM tasks WHERE state = 'pending')",

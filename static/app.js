@@ -1,7 +1,8 @@
-// The try-it page: one conversation per browser, kept in localStorage so a reload continues it.
+// The try-it page: one conversation per browser. The browser keeps only its user id (and the access token);
+// the chain of pictures comes from the service, so a reload, a second tab or a restart show the same thing.
 "use strict";
 
-const KEYS = { user: "nanobanana.userId", chain: "nanobanana.chain", token: "nanobanana.token" };
+const KEYS = { user: "nanobanana.userId", token: "nanobanana.token" };
 const POLL_EVERY_MS = 2000;
 const GIVE_UP_AFTER_MS = 5 * 60 * 1000;
 
@@ -13,6 +14,10 @@ const modelBox = $("model");
 const tokenBox = $("token");
 const submitButton = $("submit");
 const startOverButton = $("start-over");
+const undoButton = $("undo");
+const editingNote = $("editing");
+let chain = [];
+let editFrom = null; // the task_id of an earlier picture chosen with "Edit this one"
 const statusLine = $("status");
 const errorLine = $("error");
 
@@ -30,16 +35,21 @@ function userId() {
   return id;
 }
 
-function loadChain() {
-  try {
-    return JSON.parse(localStorage.getItem(KEYS.chain) || "[]");
-  } catch (_) {
-    return [];
-  }
+function historyUrl(suffix = "") {
+  return "/nanobanana/history/" + encodeURIComponent(userId()) + suffix;
 }
 
-function saveChain(chain) {
-  localStorage.setItem(KEYS.chain, JSON.stringify(chain));
+// The conversation as the service remembers it.
+async function loadChain() {
+  try {
+    const answer = await fetch(historyUrl(), { headers: authHeaders() });
+    if (answer.ok) {
+      chain = (await answer.json()).chain;
+      render();
+    }
+  } catch (_) {
+    showError("The service could not be reached. Please check your connection and try again.");
+  }
 }
 
 function authHeaders() {
@@ -68,17 +78,37 @@ function picture(url, caption) {
   return figure;
 }
 
+function editButton(step, number) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "secondary";
+  button.textContent = "Edit this one";
+  button.setAttribute("aria-label", "Edit picture " + number + ": " + (step.prompt || ""));
+  button.addEventListener("click", () => chooseToEdit(step, number));
+  return button;
+}
+
+function chooseToEdit(step, number) {
+  editFrom = step.task_id;
+  editingNote.textContent = "Your next prompt edits picture " + number + " (" + (step.prompt || "") + ").";
+  editingNote.hidden = false;
+  promptBox.focus();
+}
+
 function render() {
-  const chain = loadChain();
   const list = $("chain");
   list.replaceChildren(
-    ...chain.map((step) => {
+    ...chain.map((step, index) => {
       const item = document.createElement("li");
-      item.append(picture(step.image_url, step.prompt));
+      item.append(picture(step.image_url, step.prompt || ""));
+      if (index < chain.length - 1) item.append(editButton(step, index + 1));
       return item;
     })
   );
   $("chain-empty").hidden = chain.length > 0;
+  undoButton.disabled = chain.length === 0;
+  if (editFrom && !chain.some((step) => step.task_id === editFrom)) editFrom = null;
+  editingNote.hidden = !editFrom;
   const last = chain[chain.length - 1];
   $("result").hidden = !last;
   if (last) {
@@ -135,14 +165,15 @@ async function make(event) {
   const body = { prompt, user_id: userId(), model: modelBox.value };
   const imageUrl = imageUrlBox.value.trim();
   if (imageUrl) body.image_url = imageUrl;
+  else if (editFrom) body.from_task = editFrom;
 
   submitButton.disabled = true;
   const clock = startClock();
   try {
     const { status, data } = await generate(body);
     if (status === 200) {
-      saveChain([...loadChain(), { prompt, image_url: data.image_url }]);
-      render();
+      editFrom = null;
+      await loadChain();
       promptBox.value = "";
       imageUrlBox.value = "";
       statusLine.textContent = "Done in " + Math.round(data.elapsed_seconds) + " s. Describe a change to edit it.";
@@ -178,17 +209,42 @@ async function startOver() {
     showError("The service could not be reached. Please check your connection and try again.");
     return;
   }
-  saveChain([]);
+  chain = [];
+  editFrom = null;
   render();
   statusLine.textContent = "Started over. The next picture begins a new conversation.";
   promptBox.focus();
 }
 
+async function undo() {
+  clearError();
+  try {
+    const answer = await fetch(historyUrl("/undo"), { method: "POST", headers: authHeaders() });
+    const data = await readJson(answer);
+    if (!answer.ok) {
+      showError((data.error && data.error.message) || "Could not undo (HTTP " + answer.status + ").");
+      return;
+    }
+    chain = data.chain;
+    render();
+    statusLine.textContent = chain.length
+      ? "Went back one step. The next prompt edits this picture."
+      : "Went back to the start. The next picture begins a new conversation.";
+  } catch (_) {
+    showError("The service could not be reached. Please check your connection and try again.");
+  }
+}
+
 tokenBox.value = localStorage.getItem(KEYS.token) || "";
-tokenBox.addEventListener("change", () => localStorage.setItem(KEYS.token, tokenBox.value.trim()));
+tokenBox.addEventListener("change", () => {
+  localStorage.setItem(KEYS.token, tokenBox.value.trim());
+  loadChain();
+});
 promptBox.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
 });
 form.addEventListener("submit", make);
 startOverButton.addEventListener("click", startOver);
+undoButton.addEventListener("click", undo);
 render();
+loadChain();

@@ -198,6 +198,7 @@ def test_history_of_unknown_user_is_empty(client):
         "user_id": "nobody",
         "last_image_url": None,
         "updated_at": None,
+        "chain": [],
     }
 
 
@@ -415,7 +416,7 @@ def test_body_over_one_mebibyte_is_413(client):
 
 def test_unexpected_failure_is_json_500_without_a_trace(settings, session):
     class BrokenStore(SqliteStore):
-        def remembered_image(self, user_id):
+        def last_picture(self, conversation):
             raise RuntimeError("disk on fire at /srv/secret/path")
 
     client = create_app(settings, session=session, store=BrokenStore(":memory:", 3600, 10)).test_client()

@@ -127,6 +127,32 @@ def test_start_over_begins_a_new_chain(page, upstream):
     assert sources_of_last_task(upstream) == []
 
 
+def test_undo_and_edit_an_earlier_picture_then_reload(page, upstream, service):
+    make(page, "a cat")
+    expect(page.locator("#chain li")).to_have_count(1)
+    first = page.locator("#result-image").get_attribute("src")
+    for prompt, count in (("make it blue", 2), ("add a hat", 3)):
+        make(page, prompt)
+        expect(page.locator("#chain li")).to_have_count(count)
+
+    page.get_by_role("button", name="Undo").click()
+    expect(page.locator("#chain figcaption")).to_have_text(["a cat", "make it blue"])
+    expect(page.locator("#result-caption")).to_have_text("make it blue")
+
+    page.get_by_role("button", name="Edit picture 1: a cat").click()
+    expect(page.locator("#editing")).to_contain_text("edits picture 1")
+    make(page, "make it green")
+    expect(page.locator("#chain figcaption")).to_have_text(["a cat", "make it blue", "make it green"])
+    assert sources_of_last_task(upstream) == [first]
+    expect(page.locator("#editing")).to_be_hidden()
+
+    page.reload()  # the chain is the service's: a reload shows the same
+    expect(page.locator("#chain figcaption")).to_have_text(["a cat", "make it blue", "make it green"])
+    second_tab = page.context.new_page()
+    second_tab.goto(service.url + "/")
+    expect(second_tab.locator("#chain figcaption")).to_have_text(["a cat", "make it blue", "make it green"])
+
+
 def test_an_explicit_image_is_edited(page, upstream):
     make(page, "add a moustache", image_url="https://example.com/portrait.png")
     expect(page.locator("#chain li")).to_have_count(1)

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from store import FOLLOWER_LEASE, IdempotencyConflict, IdempotencyKey, Store, StoreUnavailable, TaskRecord
+from store import CHAIN_LENGTH, FOLLOWER_LEASE, IdempotencyConflict, IdempotencyKey, Store, StoreUnavailable, TaskRecord
 from store_redis import RedisStore
-from store_sqlite import SCHEMA_VERSION, SqliteStore, open_database
+from store_sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, open_database
 from tests.helpers import wait_until
 
 
@@ -65,6 +65,7 @@ def draft(store: Store, task_id: str, user_id: str | None = "alice", follower: s
         used_previous_image=True,
         created_at=store.clock(),
         follower=follower,
+        prompt="a prompt",
     )
 
 
@@ -76,7 +77,7 @@ def complete(store: Store, task_id: str, state: str = "success", *urls: str, mes
 
 
 def image(store: Store, user_id: str = "alice") -> str | None:
-    remembered = store.remembered_image(user_id)
+    remembered = store.last_picture(user_id)
     return remembered.image_url if remembered else None
 
 
@@ -149,6 +150,58 @@ def test_concurrent_completions_update_once(store):
         thread.join()
     assert len(set(results)) == 1
     assert image(store) == results[0][0]
+
+
+# -- the chain --------------------------------------------------------------------------------------
+
+
+def chain_of(store: Store, user_id: str = "alice") -> list[str]:
+    return [picture.task_id for picture in store.chain(user_id)]
+
+
+def test_a_chain_keeps_pictures_in_the_order_their_tasks_were_recorded(store):
+    for task_id in ("first", "second", "third"):
+        new_task(store, task_id)
+    complete(store, "third", "success", "https://f.test/3.png")
+    complete(store, "first", "success", "https://f.test/1.png")  # late, so it takes its place, not the last
+    complete(store, "second", "failed", message="no")
+    assert chain_of(store) == ["first", "third"]
+    assert image(store) == "https://f.test/3.png"
+    first = store.chain("alice")[0]
+    assert (first.prompt, first.image_url) == ("a prompt", "https://f.test/1.png")
+
+
+def test_undo_steps_back_until_the_chain_is_empty(store):
+    for task_id in ("first", "second"):
+        new_task(store, task_id)
+        complete(store, task_id, "success", f"https://f.test/{task_id}.png")
+    assert store.undo("alice").task_id == "second"
+    assert image(store) == "https://f.test/first.png"
+    assert store.undo("alice").task_id == "first"
+    assert store.undo("alice") is None and image(store) is None and chain_of(store) == []
+
+
+def test_a_chain_keeps_the_last_fifty(store):
+    for n in range(CHAIN_LENGTH + 3):
+        new_task(store, f"t{n}")
+        complete(store, f"t{n}", "success", f"https://f.test/{n}.png")
+    assert chain_of(store) == [f"t{n}" for n in range(3, CHAIN_LENGTH + 3)]
+
+
+def test_forget_drops_the_chain_and_says_what_it_dropped(store):
+    new_task(store, "t1")
+    complete(store, "t1", "success", "https://f.test/1.png")
+    assert [picture.image_url for picture in store.forget("alice")] == ["https://f.test/1.png"]
+    assert chain_of(store) == [] and store.forget("alice") == []
+
+
+def test_chains_are_kept_apart(store):
+    new_task(store, "a1", "alice")
+    new_task(store, "b1", "bob")
+    complete(store, "a1", "success", "https://f.test/a.png")
+    complete(store, "b1", "success", "https://f.test/b.png")
+    store.undo("bob")
+    assert (chain_of(store, "alice"), chain_of(store, "bob")) == (["a1"], [])
 
 
 # -- the ledger ---------------------------------------------------------------------------------
@@ -323,6 +376,20 @@ def test_sqlite_schema_has_a_version_and_refuses_a_newer_one(tmp_path):
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(sqlite3.DatabaseError, match="newer than this release"):
         open_database(path)
+
+
+def test_a_first_release_database_is_migrated_with_its_pictures(tmp_path, clock):
+    path = str(tmp_path / "old.sqlite3")
+    with sqlite3.connect(path) as db:  # as the first release left it: one remembered picture per user
+        db.executescript(MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+        db.execute("INSERT INTO history VALUES ('alice', 'https://f.test/old.png', 7, ?)", (clock.now,))
+        db.execute("INSERT INTO sqlite_sequence VALUES ('tasks', 7)")  # seven tasks were recorded
+    migrated = SqliteStore(path, history_ttl=3600, max_users=10, clock=clock)
+    assert image(migrated) == "https://f.test/old.png"
+    new_task(migrated, "t1")
+    complete(migrated, "t1", "success", "https://f.test/new.png")
+    assert [p.image_url for p in migrated.chain("alice")] == ["https://f.test/old.png", "https://f.test/new.png"]
+    migrated.close()
 
 
 def test_sqlite_memory_keeps_nothing(clock):

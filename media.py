@@ -1,0 +1,174 @@
+"""Lasting copies of finished pictures (CONTRACT §9): the upstream keeps its files only about 14 days.
+
+MEDIA_STORE=local keeps them under MEDIA_DIR, served at /media/<name>; MEDIA_STORE=s3://bucket/prefix
+keeps them in any S3-compatible store (boto3; S3_ENDPOINT_URL for one that is not AWS). A picture is
+fetched streamed, at most 30 MB, images only, with a time-out, and kept under a name nobody can guess.
+A copy that fails leaves the upstream's address in place (the caller still gets a picture), and says so
+in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import tempfile
+import time
+from typing import IO
+
+import requests
+
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_BYTES = 30 * 1024 * 1024
+FETCH_TIMEOUT = (5.0, 15.0)  # connect, and each read
+FETCH_DEADLINE = 60.0  # for the whole picture
+CACHE_CONTROL = "public, max-age=31536000, immutable"  # a name is never reused for another picture
+EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/avif": ".avif",
+    "image/svg+xml": ".svg",
+}
+NAME = re.compile(r"[A-Za-z0-9_-]{32}\.(png|jpg|webp|gif|avif|svg)")
+
+
+class NotKept(Exception):
+    """The picture could not be copied: not an image, too large, too slow, or not there."""
+
+
+class Media:
+    """Where lasting copies live; subclasses say how to put, name and remove one."""
+
+    reachable = True  # the copies' addresses can be fetched from outside, so the upstream can edit them
+
+    def __init__(self):
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def keep(self, url: str) -> str | None:
+        """The address of a lasting copy of the picture at `url`; None if none could be made."""
+        try:
+            with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as content:
+                content_type = self._fetch(url, content)
+                name = secrets.token_urlsafe(24) + EXTENSIONS[content_type]
+                content.seek(0)
+                return self._put(name, content, content_type)
+        except (NotKept, requests.RequestException, OSError) as failure:
+            log.warning("no lasting copy of a picture (the upstream's address stays): %s", failure)
+        except Exception:  # the store refused it (S3 credentials, a missing bucket): the owner must hear of it
+            log.exception("no lasting copy of a picture (the upstream's address stays)")
+        return None
+
+    def delete(self, urls: list[str]) -> None:
+        """Remove the copies among `urls` (others are not ours, and stay)."""
+        for url in urls:
+            name = self._name_of(url)
+            if name is not None:
+                try:
+                    self._remove(name)
+                except Exception:
+                    log.exception("could not remove a copy")
+
+    def _fetch(self, url: str, into: IO[bytes]) -> str:
+        deadline = time.monotonic() + FETCH_DEADLINE
+        with self.session.get(url, stream=True, timeout=FETCH_TIMEOUT, allow_redirects=True) as answer:
+            if answer.status_code != 200:
+                raise NotKept(f"the picture's address answered HTTP {answer.status_code}")
+            content_type = answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type not in EXTENSIONS:
+                raise NotKept(f"not a picture ({content_type or 'no content type'})")
+            if int(answer.headers.get("Content-Length") or 0) > MAX_BYTES:
+                raise NotKept("larger than 30 MB")
+            size = 0
+            for chunk in answer.iter_content(64 * 1024):
+                size += len(chunk)
+                if size > MAX_BYTES:
+                    raise NotKept("larger than 30 MB")
+                if time.monotonic() > deadline:
+                    raise NotKept(f"not fetched within {FETCH_DEADLINE:g} s")
+                into.write(chunk)
+        return content_type
+
+    def _put(self, name: str, content: IO[bytes], content_type: str) -> str:
+        raise NotImplementedError
+
+    def _name_of(self, url: str) -> str | None:
+        raise NotImplementedError
+
+    def _remove(self, name: str) -> None:
+        raise NotImplementedError
+
+
+class LocalMedia(Media):
+    """Files in a folder, served by the service itself at /media/<name>."""
+
+    def __init__(self, folder: str, base_url: str, reachable: bool):
+        super().__init__()
+        self.folder = folder
+        self.prefix = f"{base_url.rstrip('/')}/media/"
+        self.reachable = reachable
+        os.makedirs(folder, exist_ok=True)
+
+    def path(self, name: str) -> str | None:
+        """The file of a copy, if `name` is one of ours."""
+        return os.path.join(self.folder, name) if NAME.fullmatch(name) else None
+
+    def _put(self, name: str, content: IO[bytes], content_type: str) -> str:
+        partial = os.path.join(self.folder, f".{name}.partial")
+        with open(partial, "wb") as file:
+            while chunk := content.read(64 * 1024):
+                file.write(chunk)
+        os.replace(partial, os.path.join(self.folder, name))  # whole, or not at all
+        return self.prefix + name
+
+    def _name_of(self, url: str) -> str | None:
+        name = url.removeprefix(self.prefix)
+        return name if url.startswith(self.prefix) and NAME.fullmatch(name) else None
+
+    def _remove(self, name: str) -> None:
+        path = self.path(name)
+        if path and os.path.exists(path):
+            os.remove(path)
+
+
+class S3Media(Media):
+    """Objects in a bucket of any S3-compatible store, readable by their address (a public bucket policy)."""
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None):
+        super().__init__()
+        import boto3  # only when S3 is used: it takes a while to load
+
+        self.bucket = bucket
+        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+        base = f"{endpoint_url.rstrip('/')}/{bucket}" if endpoint_url else f"https://{bucket}.s3.amazonaws.com"
+        self.url_prefix = f"{base}/{self.prefix}"
+
+    def _put(self, name: str, content: IO[bytes], content_type: str) -> str:
+        extra = {"ContentType": content_type, "CacheControl": CACHE_CONTROL}
+        self.client.upload_fileobj(content, self.bucket, self.prefix + name, ExtraArgs=extra)
+        return self.url_prefix + name
+
+    def _name_of(self, url: str) -> str | None:
+        name = url.removeprefix(self.url_prefix)
+        return name if url.startswith(self.url_prefix) and NAME.fullmatch(name) else None
+
+    def _remove(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+
+
+def open_media(settings: Settings) -> Media | None:
+    """The media store MEDIA_STORE names, or None to keep the upstream's addresses."""
+    if settings.media_store is None:
+        return None
+    if settings.media_store == "local":
+        base_url = settings.public_base_url or f"http://127.0.0.1:{settings.port}"
+        return LocalMedia(settings.media_dir, base_url, reachable=settings.public_base_url is not None)
+    bucket, _, prefix = settings.media_store.removeprefix("s3://").partition("/")
+    return S3Media(bucket, prefix, settings.s3_endpoint_url)
