@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+import limits
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
 from limits.storage import MemoryStorage
@@ -22,6 +23,7 @@ OPEN_ENDPOINTS = {
     "nanobanana.openapi",
     "nanobanana.home",
     "nanobanana.media",
+    "nanobanana.telegram_webhook",
     "static",
 }
 GENERATE_ENDPOINT = "nanobanana.generate"
@@ -114,6 +116,20 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, stora
     if settings.rate_limit:
         limited = limiter.limit(settings.rate_limit, deduct_when=counts_against_limit)
         app.view_functions[GENERATE_ENDPOINT] = limited(app.view_functions[GENERATE_ENDPOINT])
+
+
+def limit_spender(app: Flask, settings: Settings) -> Callable[[str], bool]:
+    """`spend(key)`: one request of RATE_LIMIT for `key` outside HTTP (a Telegram chat); False when none is left."""
+    limiter = app.extensions["limiter_instance"]
+    items = limits.parse_many(settings.rate_limit) if settings.rate_limit else []
+
+    def spend(key: str) -> bool:
+        try:
+            return all([limiter.limiter.hit(item, "nanobanana-limits", key) for item in items])
+        except Exception:  # the counters' store is away: let it through, as for HTTP requests
+            return True
+
+    return spend
 
 
 def counts_against_limit(response: Response) -> bool:

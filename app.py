@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import openapi
 import telemetry
-from access import Unauthorized, init_access, retry_after
+from access import Unauthorized, init_access, limit_spender, retry_after
 from callbacks import MAX_BODY_BYTES, BodyTooLarge, CallbackReceiver
 from config import Settings, load_settings
 from lifecycle import Lifecycle, NotConfigured, UnknownTask, conversation_key
@@ -36,6 +37,7 @@ from params import InvalidParameter, json_values, parse_format, parse_generation
 from store import IdempotencyConflict, Picture, Store, StoreUnavailable, TaskRecord
 from store_redis import RedisStore
 from store_sqlite import SqliteStore
+from telegram import BotApi, TelegramBot, first_update
 from webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -82,31 +84,39 @@ def create_app(settings: Settings | None = None, *, session=None, store: Store |
     store = store or open_store(settings)
     lifecycle = Lifecycle(settings, client, store, open_media(settings))
     app.extensions["lifecycle"] = lifecycle
-    app.extensions["webhooks"] = Webhooks(settings, store, webhook_body, on_outcome=metrics.webhook_outcome)
     hops = settings.proxy_hops
     proxied = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     app.wsgi_app = CallbackReceiver(proxied, lifecycle, metrics, describe_error)
     app.register_blueprint(bp)
     limiter_storage = {"connection_pool": store.pool} if isinstance(store, RedisStore) else {}
     init_access(app, settings, request_values, limiter_storage)
+    bot = None
+    if settings.telegram_bot_token:
+        api = BotApi(settings.telegram_api_base, settings.telegram_bot_token)
+        bot = TelegramBot(settings, lifecycle, api, limit_spender(app, settings))
+    app.extensions["telegram"] = bot
+    webhooks = Webhooks(settings, store, webhook_body, on_outcome=metrics.webhook_outcome, chat=bot)
+    app.extensions["webhooks"] = webhooks
     app.register_error_handler(Exception, handle_error)
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
     return app
 
 
-BACKGROUND = ("lifecycle", "webhooks")  # the work each process does apart from requests
+BACKGROUND = ("lifecycle", "webhooks", "telegram")  # the work each process does apart from requests
 
 
 def start_background(app: Flask) -> None:
-    """Follow tasks, take over orphaned ones, deliver webhooks: what gunicorn starts in each worker."""
+    """Follow tasks, take over orphaned ones, deliver webhooks, set the bot's webhook: in each gunicorn worker."""
     for part in BACKGROUND:
-        app.extensions[part].start()
+        if app.extensions[part] is not None:
+            app.extensions[part].start()
 
 
 def stop_background(app: Flask) -> None:
     for part in reversed(BACKGROUND):
-        app.extensions[part].stop()
+        if app.extensions[part] is not None:
+            app.extensions[part].stop()
 
 
 def open_store(settings: Settings) -> Store:
@@ -188,6 +198,23 @@ def forget_history(user_id: str):
     if lifecycle().media is not None:
         lifecycle().media.delete([picture.image_url for picture in dropped])
     return {"user_id": user_id, "cleared": True}
+
+
+@bp.post("/telegram/webhook")
+def telegram_webhook():
+    """Telegram's updates: only with the secret it was given; answered at once, handled in the background."""
+    bot, settings = current_app.extensions["telegram"], lifecycle().settings
+    if bot is None:
+        raise ApiError(404, "not_found", "This service runs no Telegram bot.")
+    given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), settings.telegram_webhook_secret.encode()):
+        raise ApiError(401, "unauthorized", "This address takes updates only from Telegram.")
+    update = request.get_json(silent=True)
+    if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
+        raise InvalidParameter("A Telegram update is a JSON object with an update_id.")
+    if first_update(lifecycle().store, update["update_id"]):
+        bot.receive(update)
+    return {"ok": True}
 
 
 @bp.get("/media/<name>", endpoint="media")

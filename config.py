@@ -22,6 +22,7 @@ DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
 DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
 DEFAULT_DATABASE_PATH = "data/nanobanana.sqlite3"
 DEFAULT_MEDIA_DIR = "data/media"
+DEFAULT_TELEGRAM_API_BASE = "https://api.telegram.org"
 CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, for a callback that never comes
 WEBHOOK_RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0)  # after each failed attempt, then given up
 REQUEST_LINE_LIMIT = 256 * 1024  # a GET may carry a 20,000-character prompt: about 240 KB percent-encoded
@@ -52,6 +53,9 @@ class Settings:
     media_store: str | None = None  # None, "local" or "s3://bucket/prefix": where lasting copies of pictures go
     media_dir: str = DEFAULT_MEDIA_DIR
     s3_endpoint_url: str | None = None
+    telegram_bot_token: str | None = field(default=None, repr=False)  # turns the Telegram bot on
+    telegram_webhook_secret: str | None = field(default=None, repr=False)
+    telegram_api_base: str = DEFAULT_TELEGRAM_API_BASE
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
@@ -132,6 +136,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         media_store=_media_store(env),
         media_dir=_text(env, "MEDIA_DIR", DEFAULT_MEDIA_DIR),
         s3_endpoint_url=_url(env, "S3_ENDPOINT_URL", None),
+        **_telegram(env),
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
@@ -177,6 +182,24 @@ def _webhook_secret(env: Mapping[str, str]) -> str | None:
             "python3 -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
         )
     return value
+
+
+def _telegram(env: Mapping[str, str]) -> dict:
+    token = env.get("TELEGRAM_BOT_TOKEN", "").strip() or None
+    secret = env.get("TELEGRAM_WEBHOOK_SECRET", "").strip() or None
+    if token and not re.fullmatch(r"\d+:[A-Za-z0-9_-]{20,}", token):
+        raise ConfigError(
+            "TELEGRAM_BOT_TOKEN does not look like a bot token (123456:ABC…); copy it again from BotFather"
+        )
+    if token and not secret:
+        raise ConfigError(
+            "TELEGRAM_BOT_TOKEN needs TELEGRAM_WEBHOOK_SECRET: 1 to 256 letters, digits, _ or -, made up by you, "
+            "so that only Telegram can send the bot updates"
+        )
+    if secret and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
+        raise ConfigError("TELEGRAM_WEBHOOK_SECRET must be 1 to 256 letters, digits, _ or -")
+    base = _url(env, "TELEGRAM_API_BASE", DEFAULT_TELEGRAM_API_BASE)
+    return {"telegram_bot_token": token, "telegram_webhook_secret": secret, "telegram_api_base": base}
 
 
 def _media_store(env: Mapping[str, str]) -> str | None:

@@ -124,8 +124,11 @@ class Lifecycle:
 
     # -- a generation request --------------------------------------------------------------
 
-    def generate(self, wanted: GenerationRequest, owner: str = "") -> TaskRecord:
-        """Record, submit, and wait up to `wanted.wait` seconds in all; the task is followed to its end anyway."""
+    def generate(self, wanted: GenerationRequest, owner: str = "", deliver_to: str | None = None) -> TaskRecord:
+        """Record, submit, and wait up to `wanted.wait` seconds in all; the task is followed to its end anyway.
+
+        The end goes to the caller's callback_url as a webhook, or to `deliver_to` (a Telegram chat).
+        """
         deadline = time.monotonic() + wanted.wait
         if not self.settings.configured:
             raise NotConfigured()
@@ -151,7 +154,7 @@ class Lifecycle:
                 created_at=time.time(),
                 callback_secret=secrets.token_urlsafe(18) if self.settings.callbacks else None,
                 follower=self.follower_id,
-                callback_url=wanted.callback_url,
+                callback_url=deliver_to or wanted.callback_url,
                 prompt=generation.prompt,
             ),
             key,

@@ -53,17 +53,24 @@ class Media:
 
     def keep(self, url: str) -> str | None:
         """The address of a lasting copy of the picture at `url`; None if none could be made."""
-        try:
-            with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as content:
+        with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as content:
+            try:
                 content_type = self._fetch(url, content)
-                name = secrets.token_urlsafe(24) + EXTENSIONS[content_type]
-                content.seek(0)
-                return self._put(name, content, content_type)
-        except (NotKept, requests.RequestException, OSError) as failure:
-            log.warning("no lasting copy of a picture (the upstream's address stays): %s", failure)
+            except (NotKept, requests.RequestException, OSError) as failure:
+                log.warning("no lasting copy of a picture (the upstream's address stays): %s", failure)
+                return None
+            content.seek(0)
+            return self.keep_file(content, content_type)
+
+    def keep_file(self, content: IO[bytes], content_type: str) -> str | None:
+        """The address of a lasting copy of a picture at hand; None if it is no picture or could not be kept."""
+        if content_type not in EXTENSIONS:
+            return None
+        try:
+            return self._put(secrets.token_urlsafe(24) + EXTENSIONS[content_type], content, content_type)
         except Exception:  # the store refused it (S3 credentials, a missing bucket): the owner must hear of it
-            log.exception("no lasting copy of a picture (the upstream's address stays)")
-        return None
+            log.exception("no lasting copy of a picture")
+            return None
 
     def delete(self, urls: list[str]) -> None:
         """Remove the copies among `urls` (others are not ours, and stay)."""

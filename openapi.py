@@ -419,6 +419,35 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 },
             }
         },
+        "/telegram/webhook": {
+            "post": {
+                "summary": "For Telegram: an update for the bot (with TELEGRAM_BOT_TOKEN)",
+                "operationId": "telegramWebhook",
+                "parameters": [
+                    {"name": "X-Telegram-Bot-Api-Secret-Token", "in": "header", "required": True, "schema": STRING}
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "required": ["update_id"],
+                                "properties": {"update_id": {"type": "integer"}},
+                            }
+                        }
+                    },
+                },
+                "security": [],
+                "responses": {
+                    "200": json_response(
+                        "Received; handled in the background",
+                        {"type": "object", "properties": {"ok": {"const": True}}, "required": ["ok"]},
+                    ),
+                    **{code: COMMON_ERRORS[code] for code in ("400", "401", "404", "413")},
+                },
+            }
+        },
         "/media/{name}": {
             "get": {
                 "summary": "A lasting copy of a picture (MEDIA_STORE=local)",

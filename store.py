@@ -142,6 +142,9 @@ class Store(Protocol):
     def claim_poll(self, task_id: str, interval: float) -> bool:
         """True at most once per `interval` seconds for a task: whoever gets it may ask the upstream."""
 
+    def first_time(self, key: str, ttl: float) -> bool:
+        """True the first time `key` is seen within `ttl` seconds (a Telegram update id, say), False after."""
+
     # -- webhooks to callers
     def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
         """Tasks whose webhook is due, each now leased to the caller until `lease_until` (nobody else sends it)."""

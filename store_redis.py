@@ -261,6 +261,9 @@ class RedisStore:
         key, milliseconds = self._key("polled:", task_id), max(1, int(interval * 1000))
         return bool(self._call(self.redis.set, key, 1, px=milliseconds, nx=True))
 
+    def first_time(self, key: str, ttl: float) -> bool:
+        return bool(self._call(self.redis.set, self._key("seen:", key), 1, nx=True, px=max(1, int(ttl * 1000))))
+
     # -- webhooks to callers ------------------------------------------------------------------
 
     def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:

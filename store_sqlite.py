@@ -105,6 +105,9 @@ MIGRATIONS = (
     ALTER TABLE history DROP COLUMN image_url;
     ALTER TABLE history RENAME COLUMN sequence TO forgotten_before;  -- results of older tasks stay out
     """,
+    """
+    CREATE TABLE seen (key TEXT PRIMARY KEY, until REAL NOT NULL);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -269,6 +272,12 @@ class SqliteStore:
             )
         )
 
+    def first_time(self, key: str, ttl: float) -> bool:
+        now = self.clock()
+        with self._transaction() as db:
+            db.execute("DELETE FROM seen WHERE key = ? AND until <= ?", (key, now))
+            return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, now + ttl)).rowcount == 1
+
     # -- webhooks to callers ------------------------------------------------------------------
 
     def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
@@ -335,6 +344,7 @@ class SqliteStore:
             db.execute("DELETE FROM tasks WHERE created_at < ? AND state != 'pending'", (now - TASK_TTL,))
             db.execute("DELETE FROM tasks WHERE created_at < ?", (now - 2 * TASK_TTL,))
             db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))
+            db.execute("DELETE FROM seen WHERE until <= ?", (now,))
             db.execute("DELETE FROM history WHERE updated_at <= ?", (now - self.history_ttl,))
             db.execute(
                 "DELETE FROM history WHERE conversation IN "

@@ -39,6 +39,7 @@ from store import Store, StoreUnavailable, TaskRecord
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+CHAT_PREFIX = "telegram:"  # a bot task: its end goes to the chat, not to a web address
 LOOK_EVERY = 1.0  # seconds between two looks at the store for due webhooks, when nothing wakes the loop
 BATCH = 100
 
@@ -120,12 +121,16 @@ def webhook_session(allow_private: bool) -> requests.Session:
 class Webhooks:
     """Delivers the webhooks the store says are due, from this process, until stop()."""
 
-    def __init__(self, settings: Settings, store: Store, body_of: Callable[[TaskRecord], dict], on_outcome=None):
-        """`body_of(record)` is the JSON body of GET /nanobanana/tasks/<task_id> for the record."""
+    def __init__(
+        self, settings: Settings, store: Store, body_of: Callable[[TaskRecord], dict], on_outcome=None, chat=None
+    ):
+        """`body_of(record)` is the JSON body of GET /nanobanana/tasks/<task_id> for the record; `chat`
+        delivers the tasks of the Telegram bot (their callback_url is telegram:<chat>:<message>)."""
         self.settings = settings
         self.store = store
         self.body_of = body_of
         self.on_outcome = on_outcome  # (outcome) for metrics: delivered, retry, failed
+        self.chat = chat
         self.session = webhook_session(settings.webhook_allow_private)
         self._signer = Webhook(settings.webhook_secret) if settings.webhook_secret else None
         self._wake = threading.Event()
@@ -134,7 +139,7 @@ class Webhooks:
         store.on_notify(lambda task_id: self._wake.set())  # a task ended somewhere: a webhook may be due
 
     def start(self) -> None:
-        if self._signer is not None and self._thread is None:
+        if (self._signer is not None or self.chat is not None) and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
             self._thread.start()
 
@@ -161,7 +166,10 @@ class Webhooks:
         """One attempt: a 2xx answer within the time-out delivers it; anything else is retried later."""
         attempts = record.webhook_attempts + 1
         try:
-            delivered = self._post(record)
+            if record.callback_url.startswith(CHAT_PREFIX):
+                delivered = self.chat is not None and self.chat.deliver(record)
+            else:
+                delivered = self._post(record)
         except RefusedTarget as refused:
             log.warning("webhook of task %s not sent: %s", record.task_id, refused.message)
             self._record(record, "failed", attempts, None)

@@ -1,0 +1,259 @@
+"""The Telegram bot (CONTRACT §10): a message makes a picture, the next one edits it.
+
+A thin adapter over what the HTTP API uses. Each chat is a conversation (user `telegram:<chat_id>`,
+in a scope of its own, so the HTTP API and the bot never mix users); its generations go through the
+same lifecycle, ledger, limits and chain; and their pictures reach the chat through the same durable
+deliveries as webhooks (`webhooks.Webhooks` hands a bot task to `deliver`), so a restart in the middle
+of a generation still sends the picture. The Bot API is called with a small client over requests:
+pyTelegramBotAPI would work under gevent too, but keeps its API address in module globals.
+"""
+
+from __future__ import annotations
+
+import _thread
+import io
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import requests
+
+from config import Settings
+from lifecycle import Lifecycle, conversation_key
+from params import InvalidParameter, parse_generation
+from store import StoreUnavailable, TaskRecord
+from webhooks import CHAT_PREFIX
+
+log = logging.getLogger(__name__)
+
+OWNER = "telegram"  # the scope of the bot's conversations: no access token hashes to it
+TARGET_PREFIX = CHAT_PREFIX  # a bot task's callback_url is telegram:<chat_id>:<message_id>
+API_TIMEOUT = (5.0, 15.0)
+CHAT_ACTION_EVERY = 4.0  # Telegram shows "sending a photo" for 5 s after each sendChatAction
+CAPTION_LIMIT = 1024
+MAX_PHOTO_BYTES = 20 * 1024 * 1024  # the largest file the Bot API lets a bot download
+PHOTO_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+SET_WEBHOOK_TRIES = 5
+
+HELP = (
+    'Send me a description, and I make a picture of it. Then send a change ("make it blue"), and I edit the '
+    "last picture. Send a photo with a caption, and I edit that photo as the caption says.\n"
+    "/undo goes back one picture. /new starts over."
+)
+NEEDS_MEDIA = (
+    "I cannot edit photos you send here yet: the owner of this service has to set MEDIA_STORE first. "
+    "You can still describe a picture, and I make it."
+)
+NEEDS_CAPTION = "Please send the photo again with a caption that says how to change it."
+LIMITED = "That is a lot of pictures in a short time. Please wait a minute, then try again."
+
+
+class TelegramError(Exception):
+    """A Bot API call failed. The message never holds the bot token."""
+
+
+class BotApi:
+    """The Bot API methods the bot uses. The token is part of every address, so no address is ever logged."""
+
+    def __init__(self, base: str, token: str):
+        self.base = base.rstrip("/")
+        self.token = token
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def call(self, method: str, **params) -> Any:
+        try:
+            answer = self.session.post(f"{self.base}/bot{self.token}/{method}", json=params, timeout=API_TIMEOUT)
+            body = answer.json()
+        except (requests.RequestException, ValueError) as failure:
+            raise TelegramError(f"{method}: no usable answer ({type(failure).__name__})") from None
+        if not isinstance(body, dict) or body.get("ok") is not True:
+            description = body.get("description") if isinstance(body, dict) else None
+            raise TelegramError(f"{method}: {str(description or 'refused')[:200]}")
+        return body.get("result")
+
+    def download(self, file_path: str) -> bytes:
+        """A file the chat sent (getFile gave its path), at most MAX_PHOTO_BYTES."""
+        try:
+            with self.session.get(
+                f"{self.base}/file/bot{self.token}/{file_path}", stream=True, timeout=API_TIMEOUT
+            ) as answer:
+                if answer.status_code != 200:
+                    raise TelegramError(f"file: HTTP {answer.status_code}")
+                content = answer.raw.read(MAX_PHOTO_BYTES + 1, decode_content=True)
+        except requests.RequestException as failure:
+            raise TelegramError(f"file: no answer ({type(failure).__name__})") from None
+        if len(content) > MAX_PHOTO_BYTES:
+            raise TelegramError("file: larger than 20 MB")
+        return content
+
+
+class TelegramBot:
+    def __init__(self, settings: Settings, lifecycle: Lifecycle, api: BotApi, allowed: Callable[[str], bool]):
+        """`allowed(key)` spends one request of RATE_LIMIT for that key, False when none is left."""
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.api = api
+        self.allowed = allowed
+        self._stopping = threading.Event()
+
+    # -- the process's part ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """With PUBLIC_BASE_URL, tell Telegram where to send updates, and with which secret."""
+        if self.settings.public_base_url:
+            _thread.start_new_thread(self._set_webhook, ())
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _set_webhook(self) -> None:
+        url = f"{self.settings.public_base_url}/telegram/webhook"
+        for attempt in range(SET_WEBHOOK_TRIES):
+            try:
+                self.api.call(
+                    "setWebhook",
+                    url=url,
+                    secret_token=self.settings.telegram_webhook_secret,
+                    allowed_updates=["message"],
+                )
+                log.info("Telegram sends the bot's updates to %s", url)
+                return
+            except TelegramError as failure:
+                log.warning("could not set the bot's webhook (%s); trying again", failure)
+            if self._stopping.wait(2**attempt):
+                return
+
+    # -- updates -------------------------------------------------------------------------------
+
+    def receive(self, update: dict) -> None:
+        """Handle an update in the background: Telegram wants its answer at once."""
+        _thread.start_new_thread(self._handle, (update,))
+
+    def _handle(self, update: dict) -> None:
+        message = update.get("message")
+        if not isinstance(message, dict) or not isinstance(message.get("chat"), dict):
+            return  # an edit, a join, a channel post: nothing to draw
+        chat_id, message_id = message["chat"].get("id"), message.get("message_id")
+        if not isinstance(chat_id, int) or not isinstance(message_id, int):
+            return
+        try:
+            self._answer(chat_id, message_id, message)
+        except TelegramError as failure:
+            log.warning("chat %d: %s", chat_id, failure)
+        except Exception:
+            log.exception("chat %d: the update could not be handled", chat_id)
+
+    def _answer(self, chat_id: int, message_id: int, message: dict) -> None:
+        text = (message.get("text") or message.get("caption") or "").strip()
+        command = text.split(maxsplit=1)[0].split("@")[0].lower() if text.startswith("/") else None
+        if command in ("/start", "/help"):
+            self._say(chat_id, message_id, HELP)
+        elif command == "/new":
+            self.lifecycle.store.forget(self._conversation(chat_id))
+            self._say(chat_id, message_id, "Starting over: your next message makes a new picture.")
+        elif command == "/undo":
+            self._undo(chat_id, message_id)
+        elif message.get("photo"):
+            self._edit_photo(chat_id, message_id, message["photo"], text)
+        elif text:
+            self._generate(chat_id, message_id, text)
+
+    def _undo(self, chat_id: int, message_id: int) -> None:
+        conversation = self._conversation(chat_id)
+        if self.lifecycle.store.undo(conversation) is None:
+            self._say(chat_id, message_id, "There is nothing to undo yet.")
+            return
+        back = self.lifecycle.store.last_picture(conversation)
+        if back is None:
+            self._say(chat_id, message_id, "Went back to the start: your next message makes a new picture.")
+            return
+        caption = f"Back to this one ({back.prompt or 'your picture'}). Your next message edits it."
+        self.api.call("sendPhoto", chat_id=chat_id, photo=back.image_url, caption=caption[:CAPTION_LIMIT])
+
+    def _edit_photo(self, chat_id: int, message_id: int, sizes: list, caption: str) -> None:
+        media = self.lifecycle.media
+        if media is None or not media.reachable:
+            self._say(chat_id, message_id, NEEDS_MEDIA)
+            return
+        if not caption:
+            self._say(chat_id, message_id, NEEDS_CAPTION)
+            return
+        largest = sizes[-1] if isinstance(sizes[-1], dict) else {}
+        found = self.api.call("getFile", file_id=largest.get("file_id"))
+        path = found.get("file_path", "") if isinstance(found, dict) else ""
+        content_type = PHOTO_TYPES.get(path.rsplit(".", 1)[-1].lower())
+        # A copy of our own: the upstream must never see the file's address, which holds the bot token.
+        copy = media.keep_file(io.BytesIO(self.api.download(path)), content_type) if content_type else None
+        if copy is None:
+            self._say(chat_id, message_id, "I could not read that photo. Please send it as a JPEG or PNG picture.")
+            return
+        self._generate(chat_id, message_id, caption, image_url=copy)
+
+    def _generate(self, chat_id: int, message_id: int, prompt: str, image_url: str | None = None) -> None:
+        """Make or edit the chat's picture; `deliver` sends it (or why not) when the task ends."""
+        user_id = f"telegram:{chat_id}"
+        if self.settings.rate_limit and not self.allowed(user_id):
+            self._say(chat_id, message_id, LIMITED)
+            return
+        values = {"prompt": [prompt], "user_id": [user_id], **({"image_url": [image_url]} if image_url else {})}
+        try:
+            wanted = parse_generation(values, self.settings.polling_window)
+        except InvalidParameter as wrong:
+            self._say(chat_id, message_id, wrong.message)
+            return
+        showing = threading.Event()
+        _thread.start_new_thread(self._show_progress, (chat_id, showing))
+        try:
+            self.lifecycle.generate(wanted, OWNER, deliver_to=f"{TARGET_PREFIX}{chat_id}:{message_id}")
+        except StoreUnavailable:
+            self._say(chat_id, message_id, "I cannot make pictures right now. Please try again in a minute.")
+        except Exception as failure:  # refused after it was recorded: deliver() tells the chat why
+            log.info("chat %d: the generation ended early (%s)", chat_id, type(failure).__name__)
+        finally:
+            showing.set()
+
+    def _show_progress(self, chat_id: int, done: threading.Event) -> None:
+        """`sendChatAction upload_photo` until the picture is ready (Telegram shows each for 5 s)."""
+        while not done.is_set() and not self._stopping.is_set():
+            try:
+                self.api.call("sendChatAction", chat_id=chat_id, action="upload_photo")
+            except TelegramError as failure:
+                log.info("chat %d: %s", chat_id, failure)
+            done.wait(CHAT_ACTION_EVERY)
+
+    # -- deliveries (called by webhooks.Webhooks) ------------------------------------------------
+
+    def deliver(self, record: TaskRecord) -> bool:
+        """Send the ended task to its chat, in reply to the message that asked: the picture, or why not."""
+        chat_id, message_id = (int(part) for part in record.callback_url.removeprefix(TARGET_PREFIX).split(":"))
+        reply = {"message_id": message_id, "allow_sending_without_reply": True}
+        try:
+            if record.state == "success":
+                caption = (record.prompt or "")[:CAPTION_LIMIT]
+                self.api.call(
+                    "sendPhoto", chat_id=chat_id, photo=record.image_urls[0], caption=caption, reply_parameters=reply
+                )
+            else:
+                text = record.error_message or "The picture could not be made."
+                self.api.call("sendMessage", chat_id=chat_id, text=text, reply_parameters=reply)
+        except TelegramError as failure:
+            log.warning("chat %d: %s", chat_id, failure)
+            return False
+        return True
+
+    # -- small helpers -------------------------------------------------------------------------
+
+    def _say(self, chat_id: int, message_id: int, text: str) -> None:
+        reply = {"message_id": message_id, "allow_sending_without_reply": True}
+        self.api.call("sendMessage", chat_id=chat_id, text=text, reply_parameters=reply)
+
+    @staticmethod
+    def _conversation(chat_id: int) -> str:
+        return conversation_key(OWNER, f"telegram:{chat_id}")
+
+
+def first_update(store, update_id: int) -> bool:
+    """True the first time Telegram sends this update (it repeats one it thinks was not received)."""
+    return store.first_time(f"telegram-update:{update_id}", 24 * 3600)
