@@ -13,7 +13,7 @@ from requests.structures import CaseInsensitiveDict
 from app import create_app, stop_background
 from config import Settings
 from emulator import Upstream, create_emulator
-from tests.helpers import RedisServer
+from tests.helpers import SERVED_KEY, RedisServer, emulated_upstream
 
 UPSTREAM = "http://upstream.test"
 KEYS = ("key-one", "key-two")
@@ -58,6 +58,13 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def served_upstream() -> Upstream:
+    """The emulator on a port of its own, for services under gunicorn (`upstream` serves the test client)."""
+    with emulated_upstream(delay=0.2, keys={SERVED_KEY: 1_000_000}) as state:
+        yield state
 
 
 @pytest.fixture

@@ -64,6 +64,20 @@ def serving(app) -> Iterator[str]:
         thread.join(timeout=5)
 
 
+SERVED_KEY = "served-key"  # the one key of `served_upstream` (conftest)
+
+
+def served_environ(upstream: Upstream, **extra: str) -> dict[str, str]:
+    """A service's environment with the emulator `upstream`: its key, quick polls, no rate limit, and `extra`."""
+    return {
+        "API_KEYS_1": SERVED_KEY,
+        "NANOBANANA_API_BASE": upstream.url,
+        "POLL_INTERVAL": "0.1",
+        "RATE_LIMIT": "off",
+        **extra,
+    }
+
+
 class RedisServer:
     """A real redis-server on a free port, started by the tests; it can be stopped and started again."""
 

@@ -21,24 +21,16 @@ import requests
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
-from tests.helpers import ROOT, Service, emulated_upstream, free_port, wait_until
+from tests.helpers import ROOT, Service, free_port, served_environ, wait_until
 
 pytestmark = pytest.mark.slow
 
-KEY = "edge-key"
 TOKEN = "edge-token-do-not-log"
 
 
 @pytest.fixture(scope="module")
-def upstream():
-    with emulated_upstream(delay=0.2, keys={KEY: 1_000_000}) as state:
-        yield state
-
-
-@pytest.fixture(scope="module")
-def service(upstream, tmp_path_factory):
-    environ = {"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url, "POLL_INTERVAL": "0.1", "RATE_LIMIT": "off"}
-    running = Service(environ, tmp_path_factory.mktemp("edge") / "service.log").wait_ready()
+def service(served_upstream, tmp_path_factory):
+    running = Service(served_environ(served_upstream), tmp_path_factory.mktemp("edge") / "service.log").wait_ready()
     yield running
     running.stop()
 
@@ -86,9 +78,8 @@ def test_malformed_http_is_answered_in_json(service, request_bytes, status, code
     assert json.loads(body)["status"] == "error"
 
 
-def test_the_log_never_holds_a_raw_request_line(upstream, tmp_path):
-    environ = {"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url}
-    watched = Service(environ, tmp_path / "watched.log").wait_ready()
+def test_the_log_never_holds_a_raw_request_line(served_upstream, tmp_path):
+    watched = Service(served_environ(served_upstream), tmp_path / "watched.log").wait_ready()
     raw(watched, f"GET /nanobanana?prompt=a+secret+plan&token={TOKEN} HTTP/1.1 junk\r\n\r\n".encode())
     raw(watched, f"BREW /pot?token={TOKEN} HTCPCP/1.0\r\n\r\n".encode())
     output = watched.stop()
@@ -170,16 +161,15 @@ def test_slow_bodies_are_cut_off_and_leave_everyone_else_answered(service):
 # -- answers as documented, over HTTP --------------------------------------------------------------
 
 
-def test_json_fields_are_checked_by_type_over_http(service, upstream):
+def test_json_fields_are_checked_by_type_over_http(service, served_upstream):
     marker = "typed-" + str(time.monotonic())
     answer = requests.post(f"{service.url}/nanobanana", json={"prompt": [marker, "a dog"]}, timeout=10)
     assert answer.status_code == 400 and answer.json()["error"]["message"].startswith("prompt")
-    assert not [task for task in upstream.tasks.values() if marker in str(task.params["prompt"])]
+    assert not [task for task in served_upstream.tasks.values() if marker in str(task.params["prompt"])]
 
 
-def test_rate_limit_over_http(upstream, tmp_path):
-    environ = {"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url, "POLL_INTERVAL": "0.1", "RATE_LIMIT": "2/minute"}
-    limited = Service(environ, tmp_path / "limited.log").wait_ready()
+def test_rate_limit_over_http(served_upstream, tmp_path):
+    limited = Service(served_environ(served_upstream, RATE_LIMIT="2/minute"), tmp_path / "limited.log").wait_ready()
     try:
         refused = [limited.get("/nanobanana", params={"prompt": "a cat", "format": "xml"}) for _ in range(4)]
         assert [answer.status_code for answer in refused] == [400] * 4
@@ -195,8 +185,8 @@ def test_rate_limit_over_http(upstream, tmp_path):
 # -- proxies, callbacks and the log ---------------------------------------------------------------------
 
 
-def test_forwarded_headers_count_only_behind_proxy_hops(upstream, tmp_path):
-    base = {"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url, "POLL_INTERVAL": "0.1", "RATE_LIMIT": "2/minute"}
+def test_forwarded_headers_count_only_behind_proxy_hops(served_upstream, tmp_path):
+    base = served_environ(served_upstream, RATE_LIMIT="2/minute")
     forged = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
     for hops, trusted in (("0", False), ("1", True)):
         edge = Service({**base, "PROXY_HOPS": hops}, tmp_path / f"hops-{hops}.log").wait_ready()
@@ -211,8 +201,8 @@ def test_forwarded_headers_count_only_behind_proxy_hops(upstream, tmp_path):
             edge.stop()
 
 
-def test_callbacks_with_any_secret_or_task_id_are_answered_and_logged_on_one_line(upstream, tmp_path):
-    environ = {"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url, "PUBLIC_BASE_URL": "http://127.0.0.1:1"}
+def test_callbacks_with_any_secret_or_task_id_are_answered_and_logged_on_one_line(served_upstream, tmp_path):
+    environ = served_environ(served_upstream, PUBLIC_BASE_URL="http://127.0.0.1:1")
     receiving = Service(environ, tmp_path / "callbacks.log").wait_ready()
     callback = f"{receiving.url}/nanobanana/callback"
     forged = {"code": 200, "data": {"taskId": "evil\nFORGED LINE", "info": {"resultImageUrl": "https://x.test/a"}}}
@@ -241,9 +231,9 @@ def test_healthz_and_metrics_over_http(service):
     assert metrics.headers["Content-Type"] == CONTENT_TYPE_LATEST and CONTENT_TYPE_LATEST.count("charset") == 1
 
 
-def test_the_metrics_folder_goes_when_the_service_stops(upstream, tmp_path):
+def test_the_metrics_folder_goes_when_the_service_stops(served_upstream, tmp_path):
     before = set(Path(tempfile.gettempdir()).glob("nanobanana-metrics-*"))
-    running = Service({"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url}, tmp_path / "m.log").wait_ready()
+    running = Service(served_environ(served_upstream), tmp_path / "m.log").wait_ready()
     made = set(Path(tempfile.gettempdir()).glob("nanobanana-metrics-*")) - before
     running.stop()
     assert len(made) == 1 and not made.pop().exists()

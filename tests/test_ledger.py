@@ -14,33 +14,20 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.helpers import Service, emulated_upstream, wait_until
+from tests.helpers import Service, served_environ, wait_until
 
 pytestmark = pytest.mark.slow
 
-KEY = "ledger-key"
 RECOVERY_BOUND = 30  # seconds from /healthz answering again to every paid picture remembered (CONTRACT §7)
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    with emulated_upstream(delay=0.1, keys={KEY: 1_000_000}) as state:
-        yield state
-
-
 def settings_for(upstream, **extra) -> dict[str, str]:
-    return {
-        "API_KEYS_1": KEY,
-        "NANOBANANA_API_BASE": upstream.url,
-        "POLL_INTERVAL": "0.2",
-        "RATE_LIMIT": "off",
-        **extra,
-    }
+    return served_environ(upstream, POLL_INTERVAL="0.2", **extra)
 
 
 @pytest.fixture(scope="module")
-def service(upstream, tmp_path_factory):
-    running = Service(settings_for(upstream), tmp_path_factory.mktemp("ledger") / "service.log").wait_ready()
+def service(served_upstream, tmp_path_factory):
+    running = Service(settings_for(served_upstream), tmp_path_factory.mktemp("ledger") / "service.log").wait_ready()
     yield running
     running.stop()
 
@@ -77,26 +64,28 @@ def start_twenty_generations(service: Service, upstream, run: str, pool: ThreadP
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_kill_9_with_tasks_in_flight_then_restart_remembers_every_paid_picture(upstream, redis_server, tmp_path, store):
+def test_kill_9_with_tasks_in_flight_then_restart_remembers_every_paid_picture(
+    served_upstream, redis_server, tmp_path, store
+):
     extra = {"REDIS_URL": redis_server.url} if store == "redis" else {"DATABASE_PATH": str(tmp_path / "db.sqlite3")}
-    first = Service(settings_for(upstream, **extra), tmp_path / "first.log").wait_ready()
+    first = Service(settings_for(served_upstream, **extra), tmp_path / "first.log").wait_ready()
     run = f"crash-{store}-{uuid.uuid4().hex[:6]}"
     with ThreadPoolExecutor(10) as callers:
-        pictures = start_twenty_generations(first, upstream, run, callers)
+        pictures = start_twenty_generations(first, served_upstream, run, callers)
         first.kill()
-    second = Service(settings_for(upstream, **extra), tmp_path / "second.log", port=first.port).wait_ready()
+    second = Service(settings_for(served_upstream, **extra), tmp_path / "second.log", port=first.port).wait_ready()
     try:
         back = time.monotonic()
         wait_until(lambda: all(remembered(second, u) == url for u, url in pictures.items()), timeout=RECOVERY_BOUND)
         print(f"{store}: every paid picture remembered {time.monotonic() - back:.1f} s after /healthz answered")
-        for task in upstream_tasks_for(upstream, run):
+        for task in upstream_tasks_for(served_upstream, run):
             assert second.get(f"/nanobanana/tasks/{task.task_id}").json()["status"] == "success"
     finally:
         second.stop()
 
 
-def test_a_restart_keeps_conversations_and_status_urls(upstream, tmp_path):
-    environ = settings_for(upstream, DATABASE_PATH=str(tmp_path / "db.sqlite3"))
+def test_a_restart_keeps_conversations_and_status_urls(served_upstream, tmp_path):
+    environ = settings_for(served_upstream, DATABASE_PATH=str(tmp_path / "db.sqlite3"))
     first = Service(environ, tmp_path / "first.log").wait_ready()
     cat = generate(first, prompt="a cat", user_id="returning").json()
     first.stop()
@@ -109,10 +98,10 @@ def test_a_restart_keeps_conversations_and_status_urls(upstream, tmp_path):
         second.stop()
 
 
-def test_sighup_with_pending_tasks_loses_nothing(upstream, tmp_path):
-    reloading = Service(settings_for(upstream), tmp_path / "reload.log").wait_ready()
+def test_sighup_with_pending_tasks_loses_nothing(served_upstream, tmp_path):
+    reloading = Service(settings_for(served_upstream), tmp_path / "reload.log").wait_ready()
     try:
-        pictures = start_twenty_generations(reloading, upstream, f"reload-{uuid.uuid4().hex[:6]}", pool=None)
+        pictures = start_twenty_generations(reloading, served_upstream, f"reload-{uuid.uuid4().hex[:6]}", pool=None)
         old_workers = {worker.pid for worker in reloading.workers()}
         reloading.process.send_signal(signal.SIGHUP)  # a deploy: new workers, and the old ones stop
         wait_until(lambda: not old_workers & {worker.pid for worker in reloading.workers()}, timeout=10)
@@ -122,8 +111,8 @@ def test_sighup_with_pending_tasks_loses_nothing(upstream, tmp_path):
     assert "took over 20 pending tasks" in output
 
 
-def test_redis_stopped_and_started_mid_flight_loses_nothing(upstream, redis_server, tmp_path):
-    shared = Service(settings_for(upstream, REDIS_URL=redis_server.url), tmp_path / "redis.log").wait_ready()
+def test_redis_stopped_and_started_mid_flight_loses_nothing(served_upstream, redis_server, tmp_path):
+    shared = Service(settings_for(served_upstream, REDIS_URL=redis_server.url), tmp_path / "redis.log").wait_ready()
     run = f"outage-{uuid.uuid4().hex[:6]}"
     users = [f"{run}-{n}" for n in range(10)]
     try:
@@ -131,7 +120,9 @@ def test_redis_stopped_and_started_mid_flight_loses_nothing(upstream, redis_serv
             answers = [
                 callers.submit(generate, shared, prompt=f"[delay=2] picture for {user}", user_id=user) for user in users
             ]
-            tasks = wait_until(lambda: len(found := upstream_tasks_for(upstream, run)) == 10 and found, timeout=10)
+            tasks = wait_until(
+                lambda: len(found := upstream_tasks_for(served_upstream, run)) == 10 and found, timeout=10
+            )
             wait_until(lambda: all(shared.get(f"/nanobanana/tasks/{t.task_id}").status_code == 202 for t in tasks))
             redis_server.stop()
             try:
@@ -146,50 +137,52 @@ def test_redis_stopped_and_started_mid_flight_loses_nothing(upstream, redis_serv
         shared.stop()
 
 
-def test_a_cut_off_request_retried_with_its_key_pays_once(service, upstream):
+def test_a_cut_off_request_retried_with_its_key_pays_once(service, served_upstream):
     key, prompt = uuid.uuid4().hex, f"[delay=1] a kite {uuid.uuid4().hex}"
     with pytest.raises(requests.ReadTimeout):
         generate(service, timeout=0.3, headers={"Idempotency-Key": key}, prompt=prompt, user_id="kiter")
     retried = generate(service, headers={"Idempotency-Key": key}, prompt=prompt, user_id="kiter")
     assert retried.status_code == 200
-    assert len(upstream_tasks_for(upstream, prompt)) == 1
+    assert len(upstream_tasks_for(served_upstream, prompt)) == 1
     again = generate(service, idempotency_key=key, prompt=prompt, user_id="kiter")  # the parameter works too
     assert again.json()["task_id"] == retried.json()["task_id"]
 
 
-def test_the_same_key_for_another_picture_is_refused(service, upstream):
+def test_the_same_key_for_another_picture_is_refused(service, served_upstream):
     key = uuid.uuid4().hex
     assert generate(service, idempotency_key=key, prompt="a red boat").status_code == 200
     other = generate(service, idempotency_key=key, prompt="a green boat")
     assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_conflict"
-    assert upstream_tasks_for(upstream, "a green boat") == []
+    assert upstream_tasks_for(served_upstream, "a green boat") == []
 
 
-def test_concurrent_requests_with_one_key_make_one_submission(service, upstream):
+def test_concurrent_requests_with_one_key_make_one_submission(service, served_upstream):
     key, prompt = uuid.uuid4().hex, f"[delay=0.5] twins {uuid.uuid4().hex}"
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(lambda _: generate(service, idempotency_key=key, prompt=prompt), range(10)))
     assert [answer.status_code for answer in answers] == [200] * 10
     assert len({answer.json()["task_id"] for answer in answers}) == 1
-    assert len(upstream_tasks_for(upstream, prompt)) == 1
+    assert len(upstream_tasks_for(served_upstream, prompt)) == 1
 
 
-def test_head_never_submits(service, upstream):
+def test_head_never_submits(service, served_upstream):
     marker = uuid.uuid4().hex
     answer = requests.head(f"{service.url}/nanobanana", params={"prompt": f"a cat {marker}"}, timeout=10)
     assert answer.status_code == 405 and answer.headers["Allow"] == "GET, POST"
-    assert upstream_tasks_for(upstream, marker) == []
+    assert upstream_tasks_for(served_upstream, marker) == []
 
 
-def test_hung_submissions_never_delay_other_generations_or_outlast_the_wait(upstream, tmp_path):
-    busy = Service(settings_for(upstream), tmp_path / "hung.log").wait_ready()
+def test_hung_submissions_never_delay_other_generations_or_outlast_the_wait(served_upstream, tmp_path):
+    busy = Service(settings_for(served_upstream), tmp_path / "hung.log").wait_ready()
     try:
         with ThreadPoolExecutor(300) as pool:
             hung = [pool.submit(generate, busy, prompt=f"[submit-hang=30] hung {n}", wait="2") for n in range(300)]
             answers = [answer.result(timeout=30) for answer in hung]
         assert [answer.status_code for answer in answers] == [202] * 300
         assert max(answer.elapsed.total_seconds() for answer in answers) < 2 + 3  # the wait, and some slack
-        wait_until(lambda: len(upstream_tasks_for(upstream, "hung")) == 300, timeout=10)  # all 300 hang upstream
+        wait_until(
+            lambda: len(upstream_tasks_for(served_upstream, "hung")) == 300, timeout=10
+        )  # all 300 hang served_upstream
         normal = generate(busy, prompt="[delay=0.5] a normal cat", wait="10")
         assert normal.status_code == 200, "a normal generation waited behind hung submissions"
     finally:

@@ -12,26 +12,7 @@ import responses
 from moto.server import ThreadedMotoServer
 
 from media import MAX_BYTES, LocalMedia
-from tests.helpers import Service, emulated_upstream, wait_until
-
-KEY = "media-key"
-
-
-@pytest.fixture(scope="module")
-def served_upstream():
-    with emulated_upstream(delay=0.2, keys={KEY: 1_000_000}) as state:
-        yield state
-
-
-def settings_for(upstream, **extra) -> dict[str, str]:
-    return {
-        "API_KEYS_1": KEY,
-        "NANOBANANA_API_BASE": upstream.url,
-        "POLL_INTERVAL": "0.1",
-        "RATE_LIMIT": "off",
-        **extra,
-    }
-
+from tests.helpers import Service, served_environ, wait_until
 
 # -- MEDIA_STORE=local, over real HTTP -----------------------------------------------------------------
 
@@ -39,7 +20,7 @@ def settings_for(upstream, **extra) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def local(served_upstream, tmp_path_factory):
     folder = tmp_path_factory.mktemp("media")
-    environ = settings_for(served_upstream, MEDIA_STORE="local", MEDIA_DIR=str(folder / "copies"))
+    environ = served_environ(served_upstream, MEDIA_STORE="local", MEDIA_DIR=str(folder / "copies"))
     running = Service(environ, folder / "service.log").wait_ready()
     running.folder = folder / "copies"
     yield running
@@ -115,7 +96,7 @@ def s3_server():
 @pytest.mark.slow
 def test_s3_copies_keep_the_upstreams_bytes_and_go_with_the_user(served_upstream, s3_server, tmp_path):
     endpoint, s3 = s3_server
-    environ = settings_for(
+    environ = served_environ(
         served_upstream,
         MEDIA_STORE="s3://pictures/nanobanana",
         S3_ENDPOINT_URL=endpoint,

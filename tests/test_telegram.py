@@ -12,13 +12,12 @@ import requests
 from flask import Flask, Response, request
 
 from telegram import CAPTION_LIMIT, HELP, LIMITED, NEEDS_MEDIA
-from tests.helpers import Service, emulated_upstream, free_port, serving, wait_until
+from tests.helpers import Service, free_port, served_environ, serving, wait_until
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "123456:TEST-bot-token-never-to-be-seen"
 SECRET = "telegram-webhook-secret"
-KEY = "telegram-key"
 PHOTO = b"\xff\xd8\xff\xe0 a photo sent to the bot \xff\xd9"
 update_ids = itertools.count(1000)
 chat_ids = itertools.count(7000)
@@ -62,19 +61,10 @@ def bot_api():
         yield fake
 
 
-@pytest.fixture(scope="module")
-def served_upstream():
-    with emulated_upstream(delay=0.3, keys={KEY: 1_000_000}) as state:
-        yield state
-
-
 def start(served_upstream, bot_api, log_path, port=None, **extra) -> Service:
     port = port or free_port()
     environ = {
-        "API_KEYS_1": KEY,
-        "NANOBANANA_API_BASE": served_upstream.url,
-        "POLL_INTERVAL": "0.1",
-        "RATE_LIMIT": "off",
+        **served_environ(served_upstream),
         "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "TELEGRAM_BOT_TOKEN": TOKEN,
         "TELEGRAM_WEBHOOK_SECRET": SECRET,

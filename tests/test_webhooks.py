@@ -16,11 +16,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from app import create_app
 from params import preferred_wait
 from store import TaskRecord
-from tests.helpers import Service, emulated_upstream, serving, wait_until
+from tests.helpers import Service, served_environ, serving, wait_until
 from webhooks import RefusedTarget, check_target, event, inside, webhook_session
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-KEY = "webhook-key"
 
 
 # -- where webhooks may go -----------------------------------------------------------------------
@@ -160,25 +159,9 @@ def receiver():
         yield receiving
 
 
-@pytest.fixture(scope="module")
-def served_upstream():
-    """The emulator on a port of its own (the in-process `upstream` of conftest serves the test client)."""
-    with emulated_upstream(delay=0.2, keys={KEY: 1_000_000}) as state:
-        yield state
-
-
 def settings_for(upstream, **extra) -> dict[str, str]:
-    return {
-        "API_KEYS_1": KEY,
-        "NANOBANANA_API_BASE": upstream.url,
-        "POLL_INTERVAL": "0.1",
-        "RATE_LIMIT": "off",
-        "WEBHOOK_SECRET": SECRET,
-        "WEBHOOK_ALLOW_PRIVATE": "1",
-        "WEBHOOK_RETRY_DELAYS": "0.5,0.5",
-        "WEBHOOK_TIMEOUT": "2",
-        **extra,
-    }
+    webhooks = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOW_PRIVATE": "1", "WEBHOOK_RETRY_DELAYS": "0.5,0.5"}
+    return served_environ(upstream, **{**webhooks, "WEBHOOK_TIMEOUT": "2", **extra})
 
 
 @pytest.fixture(scope="module")
