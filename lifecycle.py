@@ -3,11 +3,13 @@
     record (our task id; nothing spent yet) -> submit -> wait (poll, or be woken by a callback)
     -> complete (the user's picture follows the ordering rule) -> notify whoever waits
 
-Every pending task is followed by one process: the one that recorded it, in a background thread
-(a greenlet under gevent) that outlives the request. Each process renews the lease on all the tasks
-it follows with one heartbeat; when a process goes away (crash, restart, deploy) its lease runs out,
-and any process of the service takes its tasks over, at start-up and continually (`_keep`).
-The routes and the take-over go through the same functions here.
+Every pending task is followed by one process: the one that recorded it. Its submission runs in a
+thread of its own (a greenlet under gevent), so a hung upstream never holds the caller; after that the
+task is an entry in the process's poll schedule (one thread, and a heap of who is to be asked when),
+and its callback, if one comes, ends it at once. Each process renews the lease on all the tasks it
+follows with one heartbeat; when a process goes away (crash, restart, deploy) its lease runs out, and
+any process of the service takes its tasks over, at start-up and continually (`_keep`). The routes,
+the callbacks and the take-over go through the same functions here.
 """
 
 from __future__ import annotations
