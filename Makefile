@@ -11,7 +11,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) serve.py
+	$(PY) -m tools.serve
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -19,11 +19,11 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench.py
-	$(PY) bench.py --configs callbacks --requests 10000 --generation-time 12 --spread 10
+	$(PY) -m tools.bench
+	$(PY) -m tools.bench --configs callbacks --requests 10000 --generation-time 12 --spread 10
 
 emulator: $(STAMP)
-	$(PY) emulator.py --port 9000
+	$(PY) -m tools.emulator --port 9000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -25,20 +25,20 @@ from flask_limiter import RateLimitExceeded
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-import openapi
-import telemetry
-from access import Unauthorized, init_access, limit_spender, retry_after
-from callbacks import MAX_BODY_BYTES, BodyTooLarge, CallbackReceiver
+from channels.telegram import BotApi, TelegramBot, first_update
 from config import Settings, load_settings
-from lifecycle import Lifecycle, NotConfigured, UnknownTask, conversation_key
-from media import CACHE_CONTROL, LocalMedia, open_media
+from domain.lifecycle import Lifecycle, NotConfigured, UnknownTask, conversation_key
+from domain.media import CACHE_CONTROL, LocalMedia, open_media
+from domain.params import json_values, parse_format, parse_generation, parse_user_id
+from domain.webhooks import Webhooks
+from errors import InvalidRequest
 from nanobanana_client import NanoBananaClient, NanoBananaError, UpstreamRejected, UpstreamUnavailable
-from params import InvalidParameter, json_values, parse_format, parse_generation, parse_user_id
-from store import IdempotencyConflict, Picture, Store, StoreUnavailable, TaskRecord
-from store_redis import RedisStore
-from store_sqlite import SqliteStore
-from telegram import BotApi, TelegramBot, first_update
-from webhooks import Webhooks
+from stores.records import IdempotencyConflict, Picture, Store, StoreUnavailable, TaskRecord
+from stores.redis import RedisStore
+from stores.sqlite import SqliteStore
+from web import openapi, telemetry
+from web.access import Unauthorized, init_access, limit_spender, retry_after
+from web.upstream_callbacks import MAX_BODY_BYTES, BodyTooLarge, CallbackReceiver
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def telegram_webhook():
         raise ApiError(401, "unauthorized", "This address takes updates only from Telegram.")
     update = request.get_json(silent=True)
     if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
-        raise InvalidParameter("A Telegram update is a JSON object with an update_id.")
+        raise InvalidRequest("A Telegram update is a JSON object with an update_id.")
     if first_update(lifecycle().store, update["update_id"]):
         bot.receive(update)
     return {"ok": True}
@@ -294,7 +294,7 @@ def body_values() -> dict[str, list[str]]:
         return request.form.to_dict(flat=False)
     if request.content_length or request.get_data(cache=True):
         sent_as = request.mimetype or "without a Content-Type"
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"The body was sent {'as ' + sent_as if request.mimetype else sent_as}; send it as JSON "
             "(Content-Type: application/json) or as a form (Content-Type: application/x-www-form-urlencoded)."
         )
@@ -306,7 +306,7 @@ def parse_json(raw: bytes):
         return json.loads(raw)
     except ValueError as error:
         where = f" ({error.msg} at line {error.lineno}, column {error.colno})" if hasattr(error, "msg") else ""
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"The request body is not valid JSON{where}. Check its quotes, commas and brackets, "
             'like {"prompt": "a red apple"}.'
         ) from None
@@ -340,7 +340,7 @@ def not_the_undo_address(user_id: str) -> str:
 def checked_user_id(user_id: str) -> str:
     checked = parse_user_id({"user_id": [user_id]})
     if checked is None:
-        raise InvalidParameter("Please name the user, for example /nanobanana/history/alice.")
+        raise InvalidRequest("Please name the user, for example /nanobanana/history/alice.")
     return checked
 
 
@@ -487,7 +487,7 @@ def error_body(api_error: ApiError) -> dict:
 def to_api_error(error: Exception) -> ApiError:
     if isinstance(error, ApiError):
         return error
-    if isinstance(error, InvalidParameter):
+    if isinstance(error, InvalidRequest):
         return ApiError(400, "invalid_request", error.message)
     if isinstance(error, Unauthorized):
         message = (

@@ -27,6 +27,25 @@ CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, 
 WEBHOOK_RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0)  # after each failed attempt, then given up
 REQUEST_LINE_LIMIT = 256 * 1024  # a GET may carry a 20,000-character prompt: about 240 KB percent-encoded
 BODY_TIMEOUT = 10.0  # seconds a request body has to arrive
+MAX_BODY_BYTES = 1024 * 1024  # the largest request body, on every route
+TASK_TTL = 24 * 3600  # how long the ledger keeps a task
+IDEMPOTENCY_TTL = 24 * 3600  # how long an idempotency key names its task
+
+
+def in_words(seconds: float) -> str:
+    """A duration as a message says it: "24 hours", "10 seconds"."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} seconds"
+
+
+def size_in_words(size: int) -> str:
+    """A size as a message says it: "1 MiB", "256 KiB"."""
+    for unit, factor in (("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
 
 
 class ConfigError(ValueError):

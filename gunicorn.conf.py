@@ -27,8 +27,8 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
 
 from config import ConfigError, load_settings  # noqa: E402
-from store_sqlite import open_database  # noqa: E402
-from telemetry import OneLineFormatter  # noqa: E402
+from stores.sqlite import open_database  # noqa: E402
+from web.telemetry import OneLineFormatter  # noqa: E402
 
 try:
     settings = load_settings()
@@ -56,7 +56,7 @@ logging.basicConfig(level=logging.INFO, handlers=[log_handler])
 
 bind = f"0.0.0.0:{settings.port}"
 workers = settings.web_concurrency
-worker_class = "worker.Worker"  # gevent, with the service's own answers at the HTTP edge (worker.py)
+worker_class = "web.worker.Worker"  # gevent, with the service's own answers at the HTTP edge
 worker_connections = connections_per_worker()  # requests one worker holds at once, waiting ones included
 backlog = 4096
 graceful_timeout = int(settings.polling_window + settings.submit_read_timeout + 10)

@@ -1,45 +1,14 @@
-"""Helpers shared by the tests: bounded waiting, a WSGI app on a free port, redis-server, the service under gunicorn."""
+"""Helpers the tests share beyond tools/processes.py: the served emulator and a service's environment."""
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
-import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-import psutil
-import pytest
-import redis
-import requests
-from werkzeug.serving import make_server
+from tools.emulator import Upstream, create_emulator
+from tools.processes import serving
 
-from emulator import Upstream, create_emulator
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_until(condition, timeout: float = 5.0, every: float = 0.02):
-    """Return condition()'s first truthy value, failing if none comes within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SERVED_KEY = "served-key"  # the one key of `served_upstream` (conftest)
 
 
 @contextmanager
@@ -51,22 +20,6 @@ def emulated_upstream(**options) -> Iterator[Upstream]:
         yield state
 
 
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1 in a thread; yields its base URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
-
-
-SERVED_KEY = "served-key"  # the one key of `served_upstream` (conftest)
-
-
 def served_environ(upstream: Upstream, **extra: str) -> dict[str, str]:
     """A service's environment with the emulator `upstream`: its key, quick polls, no rate limit, and `extra`."""
     return {
@@ -76,91 +29,3 @@ def served_environ(upstream: Upstream, **extra: str) -> dict[str, str]:
         "RATE_LIMIT": "off",
         **extra,
     }
-
-
-class RedisServer:
-    """A real redis-server on a free port, started by the tests; it can be stopped and started again."""
-
-    def __init__(self):
-        executable = shutil.which("redis-server")
-        if executable is None:
-            message = "redis-server is not installed (Debian: apt-get install redis-server)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
-        self.executable = executable
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _pings(client), timeout=10)
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
-
-
-def procfile_command() -> list[str]:
-    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
-    return shlex.split(line.removeprefix("web:"))
-
-
-class Service:
-    """gunicorn running the Procfile's command with the given environment."""
-
-    def __init__(self, environ: dict[str, str], log_path: Path, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
-        env["DATABASE_PATH"] = str(log_path.with_suffix(".sqlite3"))  # each service its own, unless told
-        env.update(environ, PORT=str(self.port), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            procfile_command(), cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self) -> Service:
-        def ready():
-            assert self.process.poll() is None, f"gunicorn exited: {self.log_path.read_text()}"
-            try:
-                return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(ready, timeout=30)
-        return self
-
-    def get(self, path: str, **kwargs) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kwargs)
-
-    def stop(self) -> str:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
-        return self.log_path.read_text()
-
-    def workers(self) -> list[psutil.Process]:
-        return psutil.Process(self.process.pid).children()
-
-    def kill(self) -> None:
-        """A crash: SIGKILL to gunicorn and its workers at once, so nothing gets to clean up."""
-        for process in [psutil.Process(self.process.pid), *self.workers()]:
-            process.kill()
-        self.process.wait(timeout=30)
-        self.log.close()

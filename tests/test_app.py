@@ -8,10 +8,10 @@ import pytest
 
 from app import create_app
 from config import Settings
-from store import StoreUnavailable
-from store_sqlite import SqliteStore
+from stores.records import StoreUnavailable
+from stores.sqlite import SqliteStore
 from tests.conftest import UPSTREAM
-from tests.helpers import wait_until
+from tools.processes import wait_until
 
 
 def generate(client, **params):

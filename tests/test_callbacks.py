@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.helpers import Service, emulated_upstream, free_port, wait_until
+from tests.helpers import emulated_upstream
+from tools.processes import Service, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ import requests
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
-from tests.helpers import ROOT, Service, free_port, served_environ, wait_until
+from tests.helpers import served_environ
+from tools.processes import ROOT, Service, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -232,9 +232,8 @@ def test_healthz_and_metrics_over_http(service):
 
 
 def test_the_metrics_folder_goes_when_the_service_stops(served_upstream, tmp_path):
-    before = set(Path(tempfile.gettempdir()).glob("nanobanana-metrics-*"))
     running = Service(served_environ(served_upstream), tmp_path / "m.log").wait_ready()
-    made = set(Path(tempfile.gettempdir()).glob("nanobanana-metrics-*")) - before
+    made = set(running.tmp_dir.glob("nanobanana-metrics-*"))
     running.stop()
     assert len(made) == 1 and not made.pop().exists()
 
@@ -246,7 +245,9 @@ def make_run(tmp_path: Path, port: int, name: str) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
     environ.update(PORT=str(port), DATABASE_PATH=str(tmp_path / "run.sqlite3"))
     with open(tmp_path / name, "w") as output:  # the child keeps its own copy of the file
-        return subprocess.Popen([sys.executable, "serve.py"], cwd=ROOT, env=environ, stdout=output, stderr=output)
+        return subprocess.Popen(
+            [sys.executable, "-m", "tools.serve"], cwd=ROOT, env=environ, stdout=output, stderr=output
+        )
 
 
 def test_make_run_stops_everything_it_started_and_refuses_a_busy_port(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import requests
 from flask import Flask, request
 
-from emulator import Upstream, create_emulator
-from tests.helpers import serving, wait_until
+from tools.emulator import Upstream, create_emulator
+from tools.processes import serving, wait_until
 
 KEY = "emulator-key"
 

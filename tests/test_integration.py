@@ -9,7 +9,8 @@ import time
 import pytest
 import requests
 
-from tests.helpers import Service, emulated_upstream, wait_until
+from tests.helpers import emulated_upstream
+from tools.processes import Service, wait_until
 
 pytestmark = pytest.mark.slow
 

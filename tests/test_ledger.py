@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.helpers import Service, served_environ, wait_until
+from tests.helpers import served_environ
+from tools.processes import Service, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from app import create_app
-from tests.helpers import emulated_upstream, wait_until
+from tests.helpers import emulated_upstream
+from tools.processes import wait_until
 
 
 def generate(client, headers=None, **params):

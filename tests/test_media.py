@@ -11,8 +11,9 @@ import requests
 import responses
 from moto.server import ThreadedMotoServer
 
-from media import MAX_BYTES, LocalMedia
-from tests.helpers import Service, served_environ, wait_until
+from domain.media import MAX_BYTES, LocalMedia
+from tests.helpers import served_environ
+from tools.processes import Service, wait_until
 
 # -- MEDIA_STORE=local, over real HTTP -----------------------------------------------------------------
 

@@ -11,7 +11,8 @@ import pytest
 from openapi_spec_validator import validate
 
 from app import create_app
-from tests.helpers import Service, emulated_upstream
+from tests.helpers import emulated_upstream
+from tools.processes import Service
 
 
 def test_document_is_valid_openapi(client):

@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from tests.helpers import Service, emulated_upstream
+from tests.helpers import emulated_upstream
+from tools.processes import Service
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from app import create_app
-from params import GenerationRequest, InvalidParameter, parse_generation
+from domain.params import GenerationRequest, parse_generation
+from errors import InvalidRequest
 
 FIELDS = [
     "prompt", "image_url", "image", "imageUrl", "image_urls", "model", "resolution", "user_id", "user", "userId",
@@ -34,7 +35,7 @@ json_values = st.recursive(
 def test_parsing_gives_a_request_or_a_clear_error(values):
     try:
         parsed = parse_generation(values, polling_window=60)
-    except InvalidParameter as error:
+    except InvalidRequest as error:
         assert error.message and "\n" not in error.message
     else:
         assert isinstance(parsed, GenerationRequest)

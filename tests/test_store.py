@@ -8,10 +8,18 @@ from dataclasses import replace
 
 import pytest
 
-from store import CHAIN_LENGTH, FOLLOWER_LEASE, IdempotencyConflict, IdempotencyKey, Store, StoreUnavailable, TaskRecord
-from store_redis import RedisStore
-from store_sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, open_database
-from tests.helpers import wait_until
+from stores.records import (
+    CHAIN_LENGTH,
+    FOLLOWER_LEASE,
+    IdempotencyConflict,
+    IdempotencyKey,
+    Store,
+    StoreUnavailable,
+    TaskRecord,
+)
+from stores.redis import RedisStore
+from stores.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, open_database
+from tools.processes import wait_until
 
 
 class Clock:

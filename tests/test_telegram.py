@@ -11,8 +11,9 @@ import pytest
 import requests
 from flask import Flask, Response, request
 
-from telegram import CAPTION_LIMIT, HELP, LIMITED, NEEDS_MEDIA
-from tests.helpers import Service, free_port, served_environ, serving, wait_until
+from channels.telegram import CAPTION_LIMIT, HELP, LIMITED, NEEDS_MEDIA
+from tests.helpers import served_environ
+from tools.processes import Service, free_port, serving, wait_until
 
 pytestmark = pytest.mark.slow
 

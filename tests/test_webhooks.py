@@ -14,10 +14,11 @@ from flask import Flask, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from app import create_app
-from params import preferred_wait
-from store import TaskRecord
-from tests.helpers import Service, served_environ, serving, wait_until
-from webhooks import RefusedTarget, check_target, event, inside, webhook_session
+from domain.params import preferred_wait
+from domain.webhooks import RefusedTarget, check_target, event, inside, webhook_session
+from stores.records import TaskRecord
+from tests.helpers import served_environ
+from tools.processes import Service, serving, wait_until
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 

@@ -1,6 +1,6 @@
 """Reading and checking the parameters of a generation request (CONTRACT §2).
 
-One entry point, `parse_generation`, and one error type, `InvalidParameter`, whose
+One entry point, `parse_generation`, and one error type, `InvalidRequest`, whose
 message names the parameter and says how to fix it. No Flask here: the app hands in
 the request's values as a mapping of names to lists of strings.
 """
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from errors import InvalidRequest
 from nanobanana_client import Generation
 
 Values = Mapping[str, Sequence[str]]
@@ -56,14 +57,6 @@ NUMBER_FIELDS = ("wait",)
 FLAG_FIELDS = ("reset",)
 
 
-class InvalidParameter(ValueError):
-    """A parameter is missing or wrong; the message says how to fix it."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
 @dataclass(frozen=True)
 class GenerationRequest:
     generation: Generation  # the images here are only those the caller named
@@ -79,7 +72,7 @@ class GenerationRequest:
 def json_values(body: Any) -> dict[str, list[str]]:
     """A JSON body's fields, each checked for the type it names, as the same mapping the query gives."""
     if not isinstance(body, dict):
-        raise InvalidParameter('The request body must be a JSON object, like {"prompt": "a red apple"}.')
+        raise InvalidRequest('The request body must be a JSON object, like {"prompt": "a red apple"}.')
     return {name: _json_field(name, value) for name, value in body.items() if value is not None and _known(name)}
 
 
@@ -91,24 +84,24 @@ def _json_field(name: str, value: Any) -> list[str]:
     if name in IMAGE_URL_NAMES:
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(item, str) for item in items):
-            raise InvalidParameter(
+            raise InvalidRequest(
                 f'{name} must be a web address or a list of them, like ["https://example.com/a.png"].'
             )
         return [_text(name, item) for item in items]
     if name in WHOLE_NUMBER_FIELDS:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidParameter(f"{name} must be a whole number, like 2.")
+            raise InvalidRequest(f"{name} must be a whole number, like 2.")
         return [str(value)]
     if name in NUMBER_FIELDS:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise InvalidParameter(f"{name} must be a number of seconds, like 10.")
+            raise InvalidRequest(f"{name} must be a number of seconds, like 10.")
         return [str(value)]
     if name in FLAG_FIELDS:
         if not isinstance(value, (bool, str)):
-            raise InvalidParameter(f"{name} must be true or false.")
+            raise InvalidRequest(f"{name} must be true or false.")
         return [str(value).lower()]
     if not isinstance(value, str):
-        raise InvalidParameter(f'{name} must be text (a JSON string), like "{name}": "a red apple".')
+        raise InvalidRequest(f'{name} must be text (a JSON string), like "{name}": "a red apple".')
     return [_text(name, value)]
 
 
@@ -116,7 +109,7 @@ def _text(name: str, value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"{name} holds something that is not text (a lone surrogate); send it as UTF-8."
         ) from None
     return value
@@ -126,7 +119,7 @@ def parse_format(values: Values) -> str:
     """The response format: json (default), text or redirect."""
     fmt = (_first(values, "format") or "json").strip().lower()
     if fmt not in FORMATS:
-        raise InvalidParameter("format must be json, text or redirect.")
+        raise InvalidRequest("format must be json, text or redirect.")
     return fmt
 
 
@@ -134,7 +127,7 @@ def parse_user_id(values: Values) -> str | None:
     """The conversation's name, 1 to 128 characters; blank means none."""
     user_id = (_first(values, *USER_ID_NAMES) or "").strip()
     if len(user_id) > MAX_USER_ID:
-        raise InvalidParameter(f"user_id is {len(user_id)} characters long; please keep it to {MAX_USER_ID} or fewer.")
+        raise InvalidRequest(f"user_id is {len(user_id)} characters long; please keep it to {MAX_USER_ID} or fewer.")
     return user_id or None
 
 
@@ -175,7 +168,7 @@ def _first(values: Values, *names: str) -> str | None:
 def _model(values: Values) -> str:
     model = (_first(values, "model") or "nano-banana").strip().lower()
     if model not in MODELS:
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"model {_quote(model)} is not known; use nano-banana, nano-banana-pro or nano-banana-2."
         )
     return model
@@ -184,10 +177,10 @@ def _model(values: Values) -> str:
 def _prompt(values: Values, model: str) -> str:
     prompt = (_first(values, "prompt") or "").strip()
     if not prompt:
-        raise InvalidParameter("Please add a prompt, for example ?prompt=a+red+apple")
+        raise InvalidRequest("Please add a prompt, for example ?prompt=a+red+apple")
     limit = MAX_PROMPT[model]
     if len(prompt) > limit:
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"The prompt is {len(prompt)} characters long; please shorten it to {limit} characters or fewer."
         )
     return prompt
@@ -204,17 +197,17 @@ def _image_urls(values: Values, model: str) -> tuple[str, ...]:
     for url in urls:
         parts = urlsplit(url)
         if any(c.isspace() for c in url):
-            raise InvalidParameter(
+            raise InvalidRequest(
                 f"image_url {_quote(url)} has a space in it, and a web address has none; "
                 "write each space as %20, or copy the address again from the browser."
             )
         if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-            raise InvalidParameter(
+            raise InvalidRequest(
                 f"image_url {_quote(url)} is not a web address; use a link that starts with http:// or https://."
             )
     limit = MAX_IMAGES[model]
     if len(urls) > limit:
-        raise InvalidParameter(f"{len(urls)} images were given, but {model} takes at most {limit}; please send fewer.")
+        raise InvalidRequest(f"{len(urls)} images were given, but {model} takes at most {limit}; please send fewer.")
     return tuple(urls)
 
 
@@ -224,7 +217,7 @@ def _aspect_ratio(values: Values, model: str) -> str | None:
         return None
     allowed = ASPECT_RATIOS[model]
     if ratio not in allowed:
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"aspect_ratio {_quote(ratio)} does not work with {model}; use one of {' '.join(allowed)}."
         )
     return ratio
@@ -235,12 +228,12 @@ def _resolution(values: Values, model: str) -> str | None:
     if not resolution:
         return None
     if model == "nano-banana":
-        raise InvalidParameter(
+        raise InvalidRequest(
             "resolution works only with model=nano-banana-pro or model=nano-banana-2; "
             "leave it out or choose one of those."
         )
     if resolution not in RESOLUTIONS:
-        raise InvalidParameter("resolution must be 1K, 2K or 4K.")
+        raise InvalidRequest("resolution must be 1K, 2K or 4K.")
     return resolution
 
 
@@ -251,9 +244,9 @@ def _num_images(values: Values, model: str) -> int:
     except ValueError:
         count = 0
     if not 1 <= count <= MAX_NUM_IMAGES:
-        raise InvalidParameter(f"num_images must be a whole number from 1 to {MAX_NUM_IMAGES}.")
+        raise InvalidRequest(f"num_images must be a whole number from 1 to {MAX_NUM_IMAGES}.")
     if count > 1 and model != "nano-banana":
-        raise InvalidParameter("num_images above 1 works only with model=nano-banana; leave it out for this model.")
+        raise InvalidRequest("num_images above 1 works only with model=nano-banana; leave it out for this model.")
     return count
 
 
@@ -263,7 +256,7 @@ def _flag(values: Values, name: str) -> bool:
         return True
     if raw in FALSE_WORDS:
         return False
-    raise InvalidParameter(f"{name} must be 1, true or yes (or leave it out).")
+    raise InvalidRequest(f"{name} must be 1, true or yes (or leave it out).")
 
 
 def _wait(values: Values, polling_window: float, prefer_header: str | None) -> tuple[float, str | None]:
@@ -301,14 +294,14 @@ def _seconds(raw: str, polling_window: float) -> float:
     except ValueError:
         seconds = -1.0
     if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidParameter(f"wait must be a number of seconds from 0 to {polling_window:g}.")
+        raise InvalidRequest(f"wait must be a number of seconds from 0 to {polling_window:g}.")
     return min(seconds, polling_window)
 
 
 def _from_task(values: Values) -> str | None:
     task_id = (_first(values, "from_task") or "").strip()
     if len(task_id) > MAX_TASK_ID:
-        raise InvalidParameter(f"from_task must be a task_id, at most {MAX_TASK_ID} characters.")
+        raise InvalidRequest(f"from_task must be a task_id, at most {MAX_TASK_ID} characters.")
     return task_id or None
 
 
@@ -318,7 +311,7 @@ def _callback_url(values: Values) -> str | None:
         return None
     parts = urlsplit(url)
     if len(url) > MAX_CALLBACK_URL or any(c.isspace() for c in url) or parts.scheme.lower() not in ("http", "https"):
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"callback_url {_quote(url)} is not a web address; use one that starts with https:// (or http://), "
             f"at most {MAX_CALLBACK_URL} characters."
         )
@@ -332,7 +325,7 @@ def _idempotency_key(values: Values, header: str | None) -> str | None:
         return None
     key = key.strip()
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise InvalidParameter(
+        raise InvalidRequest(
             f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} characters, like a random id made once per picture."
         )
     return key

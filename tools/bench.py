@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import math
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -29,9 +28,8 @@ import aiohttp
 import psutil
 import requests
 
-from tests.helpers import RedisServer, free_port
+from tools.processes import ROOT, RedisServer, free_port, procfile_command
 
-ROOT = Path(__file__).resolve().parent
 BENCH_KEY = "bench-key"
 
 
@@ -54,11 +52,6 @@ class Figures:
     polls: list[int]
     peak_rss_mb: float
     cpu_ms_per_request: float
-
-
-def procfile_command() -> list[str]:
-    line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("web:"))
-    return shlex.split(line.removeprefix("web:"))
 
 
 @dataclass(frozen=True)
@@ -171,7 +164,8 @@ def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Pa
     emulator_url = f"http://127.0.0.1:{emulator_port}"
     emulator_command = [
         sys.executable,
-        "emulator.py",
+        "-m",
+        "tools.emulator",
         "--port",
         str(emulator_port),
         "--delay",

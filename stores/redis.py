@@ -18,7 +18,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from store import (
+from stores.records import (
     CHAIN_LENGTH,
     FOLLOWER_LEASE,
     IDEMPOTENCY_TTL,

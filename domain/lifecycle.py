@@ -30,7 +30,10 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 from config import Settings
-from media import Media
+from domain.media import Media
+from domain.params import GenerationRequest
+from domain.webhooks import check_target, webhook_due
+from errors import InvalidRequest
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
     PENDING,
@@ -44,9 +47,7 @@ from nanobanana_client import (
     callback_task_id,
     parse_callback,
 )
-from params import GenerationRequest, InvalidParameter
-from store import FOLLOWER_LEASE, TASK_TTL, IdempotencyKey, Store, StoreUnavailable, TaskRecord
-from webhooks import check_target, webhook_due
+from stores.records import FOLLOWER_LEASE, TASK_TTL, IdempotencyKey, Store, StoreUnavailable, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class Lifecycle:
         """Record the end of a task from its callback, if the callback is genuine; wake whoever waits."""
         upstream_task_id = callback_task_id(body)
         if upstream_task_id is None:
-            raise InvalidParameter("A callback needs a JSON body with data.taskId.")
+            raise InvalidRequest("A callback needs a JSON body with data.taskId.")
         record = self.store.task(task_id or upstream_task_id)
         if record is None or not genuine(record, secret, upstream_task_id):
             log.warning(
@@ -428,7 +429,7 @@ class Lifecycle:
 
     def _check_callback_url(self, url: str) -> None:
         if not self.settings.webhook_secret:
-            raise InvalidParameter(
+            raise InvalidRequest(
                 "This service does not send webhooks: its owner has not set WEBHOOK_SECRET. "
                 "Leave callback_url out, and ask for the picture at status_url instead."
             )

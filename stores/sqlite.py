@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
-from store import (
+from stores.records import (
     CHAIN_LENGTH,
     FOLLOWER_LEASE,
     IDEMPOTENCY_TTL,

@@ -18,7 +18,7 @@ Behaviour is chosen per task by markers in the prompt:
   [file-lifetime=S]  the picture's file is gone S seconds after the result (the real one lives ~14 days)
   [file-type=T]      the picture's file is served as content type T (text/html, say: not a picture)
 
-Run it alone:  python emulator.py --port 9000 --delay 3 --key demo-key=100 --key empty-key=0
+Run it alone:  python -m tools.emulator --port 9000 --delay 3 --key demo-key=100 --key empty-key=0
 (served by gunicorn with gevent, like the service)
 """
 
@@ -86,6 +86,7 @@ class Upstream:
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)  # (path, key, task id)
     lock: threading.Lock = field(default_factory=threading.Lock)
     state_path: str | None = None  # tasks kept in this file (JSON lines) live on across restarts (demo mode)
+    url: str | None = None  # where it listens, once served
 
     def __post_init__(self):
         if self.state_path and os.path.exists(self.state_path):

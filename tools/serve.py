@@ -78,7 +78,7 @@ def main() -> None:
 
 
 def emulator_command(settings) -> list[str]:
-    command = [sys.executable, "emulator.py", "--port", str(settings.port + 1), "--delay", "3"]
+    command = [sys.executable, "-m", "tools.emulator", "--port", str(settings.port + 1), "--delay", "3"]
     if settings.database_path != ":memory:":  # its pictures kept beside the service's records, for restarts
         folder = os.path.dirname(os.path.abspath(settings.database_path))
         command += ["--state", os.path.join(folder, "emulator-tasks.jsonl")]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
-import telemetry
+from web import telemetry
 
 MAX_BODY_BYTES = 1024 * 1024
 

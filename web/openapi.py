@@ -7,7 +7,7 @@ The tests validate it, and schemathesis checks the live service against it.
 from __future__ import annotations
 
 from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
-from params import (
+from domain.params import (
     ASPECT_RATIOS,
     FORMATS,
     IMAGE_URL_NAMES,

@@ -20,10 +20,11 @@ from typing import Any
 import requests
 
 from config import Settings
-from lifecycle import Lifecycle, conversation_key
-from params import InvalidParameter, parse_generation
-from store import StoreUnavailable, TaskRecord
-from webhooks import CHAT_PREFIX
+from domain.lifecycle import Lifecycle, conversation_key
+from domain.params import parse_generation
+from domain.webhooks import CHAT_PREFIX
+from errors import InvalidRequest
+from stores.records import StoreUnavailable, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class TelegramBot:
         values = {"prompt": [prompt], "user_id": [user_id], **({"image_url": [image_url]} if image_url else {})}
         try:
             wanted = parse_generation(values, self.settings.polling_window)
-        except InvalidParameter as wrong:
+        except InvalidRequest as wrong:
             self._say(chat_id, message_id, wrong.message)
             return
         showing = threading.Event()

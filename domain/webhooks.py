@@ -33,8 +33,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from config import Settings
-from params import InvalidParameter
-from store import Store, StoreUnavailable, TaskRecord
+from errors import InvalidRequest
+from stores.records import Store, StoreUnavailable, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ LOOK_EVERY = 1.0  # seconds between two looks at the store for due webhooks, whe
 BATCH = 100
 
 
-class RefusedTarget(InvalidParameter):
+class RefusedTarget(InvalidRequest):
     """A callback_url the service will not post to."""
 
 

@@ -14,8 +14,9 @@ from flask_limiter import Limiter
 from limits.storage import MemoryStorage
 
 from config import Settings
-from lifecycle import conversation_key
-from params import InvalidParameter, parse_user_id
+from domain.lifecycle import conversation_key
+from domain.params import parse_user_id
+from errors import InvalidRequest
 
 OPEN_ENDPOINTS = {
     "nanobanana.upstream_callback",
@@ -93,7 +94,7 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, stora
     def rate_limit_key() -> str:
         try:
             user_id = parse_user_id(values())
-        except InvalidParameter:
+        except InvalidRequest:
             user_id = None
         if user_id:
             return f"user:{conversation_key(g.get('owner', ''), user_id)}"
