@@ -18,11 +18,6 @@ from urllib.parse import urlsplit
 import limits
 from dotenv import dotenv_values
 
-DEFAULT_API_BASE = "https://api.nanobananaapi.ai"
-DEFAULT_CREDIT_PATH = "/api/v1/common/credit"
-DEFAULT_DATABASE_PATH = "data/nanobanana.sqlite3"
-DEFAULT_MEDIA_DIR = "data/media"
-DEFAULT_TELEGRAM_API_BASE = "https://api.telegram.org"
 CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, for a callback that never comes
 WEBHOOK_RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0)  # after each failed attempt, then given up
 REQUEST_LINE_LIMIT = 256 * 1024  # a GET may carry a 20,000-character prompt: about 240 KB percent-encoded
@@ -55,14 +50,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...] = ()
-    api_base: str = DEFAULT_API_BASE
-    credit_path: str = DEFAULT_CREDIT_PATH
+    api_base: str = "https://api.nanobananaapi.ai"
+    credit_path: str = "/api/v1/common/credit"
     poll_interval: float = 2.0
     poll_max_attempts: int = 30
     port: int = 8000
     web_concurrency: int = 1
     redis_url: str | None = None
-    database_path: str = DEFAULT_DATABASE_PATH  # the SQLite store, when there is no REDIS_URL
+    database_path: str = "data/nanobanana.sqlite3"  # the SQLite store, when there is no REDIS_URL
     public_base_url: str | None = None
     proxy_hops: int = 1  # proxies in front that add X-Forwarded-*; 0: those headers are ignored
     webhook_secret: str | None = field(default=None, repr=False)  # whsec_…: signs webhooks to callers
@@ -70,11 +65,11 @@ class Settings:
     webhook_retry_delays: tuple[float, ...] = WEBHOOK_RETRY_DELAYS
     webhook_timeout: float = 15.0  # seconds an attempt may take before it counts as failed
     media_store: str | None = None  # None, "local" or "s3://bucket/prefix": where lasting copies of pictures go
-    media_dir: str = DEFAULT_MEDIA_DIR
+    media_dir: str = "data/media"
     s3_endpoint_url: str | None = None
     telegram_bot_token: str | None = field(default=None, repr=False)  # turns the Telegram bot on
     telegram_webhook_secret: str | None = field(default=None, repr=False)
-    telegram_api_base: str = DEFAULT_TELEGRAM_API_BASE
+    telegram_api_base: str = "https://api.telegram.org"
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
@@ -128,8 +123,11 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     return _parse(values)
 
 
+DEFAULTS = Settings()
+
+
 def _parse(env: Mapping[str, str]) -> Settings:
-    web_concurrency = _integer(env, "WEB_CONCURRENCY", 1, minimum=1)
+    web_concurrency = _integer(env, "WEB_CONCURRENCY", DEFAULTS.web_concurrency, minimum=1)
     redis_url = _redis_url(env)
     if web_concurrency > 1 and not redis_url:
         raise ConfigError(
@@ -138,29 +136,29 @@ def _parse(env: Mapping[str, str]) -> Settings:
         )
     return Settings(
         api_keys=_api_keys(env),
-        api_base=_url(env, "NANOBANANA_API_BASE", DEFAULT_API_BASE),
-        credit_path=_text(env, "NANOBANANA_CREDIT_PATH", DEFAULT_CREDIT_PATH),
-        poll_interval=_number(env, "POLL_INTERVAL", 2.0, minimum=0.01),
-        poll_max_attempts=_integer(env, "POLL_MAX_ATTEMPTS", 30, minimum=1),
-        port=_integer(env, "PORT", 8000, minimum=1, maximum=65535),
+        api_base=_url(env, "NANOBANANA_API_BASE", DEFAULTS.api_base),
+        credit_path=_text(env, "NANOBANANA_CREDIT_PATH", DEFAULTS.credit_path),
+        poll_interval=_number(env, "POLL_INTERVAL", DEFAULTS.poll_interval, minimum=0.01),
+        poll_max_attempts=_integer(env, "POLL_MAX_ATTEMPTS", DEFAULTS.poll_max_attempts, minimum=1),
+        port=_integer(env, "PORT", DEFAULTS.port, minimum=1, maximum=65535),
         web_concurrency=web_concurrency,
         redis_url=redis_url,
-        database_path=_text(env, "DATABASE_PATH", DEFAULT_DATABASE_PATH),
+        database_path=_text(env, "DATABASE_PATH", DEFAULTS.database_path),
         public_base_url=_url(env, "PUBLIC_BASE_URL", None),
-        proxy_hops=_integer(env, "PROXY_HOPS", 1, minimum=0, maximum=10),
+        proxy_hops=_integer(env, "PROXY_HOPS", DEFAULTS.proxy_hops, minimum=0, maximum=10),
         webhook_secret=_webhook_secret(env),
         webhook_allow_private=_flag(env, "WEBHOOK_ALLOW_PRIVATE"),
-        webhook_retry_delays=_delays(env, "WEBHOOK_RETRY_DELAYS", WEBHOOK_RETRY_DELAYS),
-        webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", 15.0, minimum=0.1),
+        webhook_retry_delays=_delays(env, "WEBHOOK_RETRY_DELAYS", DEFAULTS.webhook_retry_delays),
+        webhook_timeout=_number(env, "WEBHOOK_TIMEOUT", DEFAULTS.webhook_timeout, minimum=0.1),
         media_store=_media_store(env),
-        media_dir=_text(env, "MEDIA_DIR", DEFAULT_MEDIA_DIR),
+        media_dir=_text(env, "MEDIA_DIR", DEFAULTS.media_dir),
         s3_endpoint_url=_url(env, "S3_ENDPOINT_URL", None),
         **_telegram(env),
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
-        history_ttl=_integer(env, "HISTORY_TTL", 604800, minimum=1),
-        history_max_users=_integer(env, "HISTORY_MAX_USERS", 10000, minimum=1),
+        history_ttl=_integer(env, "HISTORY_TTL", DEFAULTS.history_ttl, minimum=1),
+        history_max_users=_integer(env, "HISTORY_MAX_USERS", DEFAULTS.history_max_users, minimum=1),
     )
 
 
@@ -175,7 +173,7 @@ def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def _rate_limit(env: Mapping[str, str]) -> str | None:
-    value = env.get("RATE_LIMIT", "").strip() or "20/minute"
+    value = env.get("RATE_LIMIT", "").strip() or DEFAULTS.rate_limit
     if value.lower() == "off":
         return None
     try:
@@ -217,7 +215,7 @@ def _telegram(env: Mapping[str, str]) -> dict:
         )
     if secret and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
         raise ConfigError("TELEGRAM_WEBHOOK_SECRET must be 1 to 256 letters, digits, _ or -")
-    base = _url(env, "TELEGRAM_API_BASE", DEFAULT_TELEGRAM_API_BASE)
+    base = _url(env, "TELEGRAM_API_BASE", DEFAULTS.telegram_api_base)
     return {"telegram_bot_token": token, "telegram_webhook_secret": secret, "telegram_api_base": base}
 
 

@@ -19,9 +19,19 @@ class ServiceError(Exception):
     message = "Something went wrong on our side. Please try again in a minute."
     headers: dict[str, str] = {}
 
-    def __init__(self, message: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+    ):
+        """The kind's own words, status and code, unless this one says otherwise."""
         self.message = message or type(self).message
         self.headers = {**type(self).headers, **(headers or {})}
+        self.status = status or type(self).status
+        self.code = code or type(self).code
         super().__init__(self.message)
 
 

@@ -19,7 +19,11 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
+from config import Settings
+
 log = logging.getLogger(__name__)
+
+DEFAULTS = Settings()
 
 MODEL_PATHS = {
     "nano-banana": "/api/v1/nanobanana/generate",
@@ -144,9 +148,6 @@ class KeyRing:
     _benched_until: dict[int, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     def key(self, number: int) -> str:
         if not 1 <= number <= len(self.keys):
             raise UpstreamError("The API key that created this task is no longer configured.")
@@ -201,13 +202,13 @@ class NanoBananaClient:
         keys: Iterable[str],
         *,
         session: requests.Session | None = None,
-        poll_interval: float = 2.0,
-        poll_max_attempts: int = 30,
-        connect_timeout: float = 5.0,
-        submit_read_timeout: float = 30.0,
-        poll_read_timeout: float = 10.0,
-        credit_path: str = "/api/v1/common/credit",
-        retry_backoff: float = 0.5,
+        poll_interval: float = DEFAULTS.poll_interval,
+        poll_max_attempts: int = DEFAULTS.poll_max_attempts,
+        connect_timeout: float = DEFAULTS.connect_timeout,
+        submit_read_timeout: float = DEFAULTS.submit_read_timeout,
+        poll_read_timeout: float = DEFAULTS.poll_read_timeout,
+        credit_path: str = DEFAULTS.credit_path,
+        retry_backoff: float = DEFAULTS.submit_retry_backoff,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         on_call: Callable[[str, str], None] | None = None,
@@ -225,6 +226,23 @@ class NanoBananaClient:
         self.clock = clock
         self.sleep = sleep
         self.on_call = on_call  # (endpoint, outcome) of every upstream call, for metrics
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options) -> NanoBananaClient:
+        """The client the settings describe; `options` (session, on_call, ...) as for the constructor."""
+        poll_interval, poll_max_attempts = settings.poll_schedule
+        return cls(
+            settings.api_base,
+            settings.api_keys,
+            poll_interval=poll_interval,
+            poll_max_attempts=poll_max_attempts,
+            connect_timeout=settings.connect_timeout,
+            submit_read_timeout=settings.submit_read_timeout,
+            poll_read_timeout=settings.poll_read_timeout,
+            credit_path=settings.credit_path,
+            retry_backoff=settings.submit_retry_backoff,
+            **options,
+        )
 
     # -- submit -------------------------------------------------------------------------
 

@@ -1,16 +1,17 @@
 """The Telegram bot (CONTRACT §10): a message makes a picture, the next one edits it.
 
 A thin adapter over what the HTTP API uses. Each chat is a conversation (user `telegram:<chat_id>`,
-in a scope of its own, so the HTTP API and the bot never mix users); its generations go through the
+of an owner of its own, so the HTTP API and the bot never mix users); its generations go through the
 same lifecycle, ledger, limits and chain; and their pictures reach the chat through the same durable
-deliveries as webhooks (`webhooks.Webhooks` hands a bot task to `deliver`), so a restart in the middle
-of a generation still sends the picture. The Bot API is called with a small client over requests:
-pyTelegramBotAPI would work under gevent too, but keeps its API address in module globals.
+outbox as webhooks (this bot is the channel of targets `telegram:<chat>:<message>`), so a restart in
+the middle of a generation still sends the picture. The HTTP side (web/chats.py) hands each update to
+`take_update`. The Bot API is called with a small client over requests: pyTelegramBotAPI would work
+under gevent too, but keeps its API address in module globals.
 """
 
 from __future__ import annotations
 
-import _thread
+import hmac
 import io
 import logging
 import threading
@@ -19,18 +20,23 @@ from typing import Any
 
 import requests
 
+from background import Background
 from config import Settings
-from domain.lifecycle import Lifecycle, conversation_key
+from domain.conversations import Conversations, conversation_key
+from domain.lifecycle import Lifecycle
+from domain.media import Media
+from domain.netguard import plain_session
 from domain.params import parse_generation
-from domain.webhooks import CHAT_PREFIX
-from errors import InvalidRequest
-from stores.records import StoreUnavailable, TaskRecord
+from errors import InvalidRequest, StoreUnavailable, Unauthorized
+from stores.interface import Seen
+from stores.records import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
-OWNER = "telegram"  # the scope of the bot's conversations: no access token hashes to it
-TARGET_PREFIX = CHAT_PREFIX  # a bot task's callback_url is telegram:<chat_id>:<message_id>
+OWNER = "telegram"  # the owner of the bot's conversations: no access token's digest is this word
+SCHEME = "telegram"  # a bot task's deliver_to is telegram:<chat_id>:<message_id>
 API_TIMEOUT = (5.0, 15.0)
+UPDATES_REMEMBERED = 24 * 3600.0  # Telegram repeats an update it thinks was not received, for a day at most
 CHAT_ACTION_EVERY = 4.0  # Telegram shows "sending a photo" for 5 s after each sendChatAction
 CAPTION_LIMIT = 1024
 MAX_PHOTO_BYTES = 20 * 1024 * 1024  # the largest file the Bot API lets a bot download
@@ -57,11 +63,10 @@ class TelegramError(Exception):
 class BotApi:
     """The Bot API methods the bot uses. The token is part of every address, so no address is ever logged."""
 
-    def __init__(self, base: str, token: str):
+    def __init__(self, base: str, token: str, session: requests.Session | None = None):
         self.base = base.rstrip("/")
         self.token = token
-        self.session = requests.Session()
-        self.session.trust_env = False
+        self.session = session or plain_session()
 
     def call(self, method: str, **params) -> Any:
         try:
@@ -91,23 +96,35 @@ class BotApi:
 
 
 class TelegramBot:
-    def __init__(self, settings: Settings, lifecycle: Lifecycle, api: BotApi, allowed: Callable[[str], bool]):
+    attempt_time = sum(API_TIMEOUT)  # of one delivery
+
+    def __init__(
+        self,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        conversations: Conversations,
+        seen: Seen,
+        api: BotApi,
+        allowed: Callable[[str], bool],
+        background: Background,
+        media: Media | None = None,
+    ):
         """`allowed(key)` spends one request of RATE_LIMIT for that key, False when none is left."""
         self.settings = settings
         self.lifecycle = lifecycle
+        self.conversations = conversations
+        self.seen = seen
         self.api = api
         self.allowed = allowed
-        self._stopping = threading.Event()
+        self.background = background
+        self.media = media
 
     # -- the process's part ----------------------------------------------------------------
 
     def start(self) -> None:
         """With PUBLIC_BASE_URL, tell Telegram where to send updates, and with which secret."""
         if self.settings.public_base_url:
-            _thread.start_new_thread(self._set_webhook, ())
-
-    def stop(self) -> None:
-        self._stopping.set()
+            self.background.spawn(self._set_webhook)
 
     def _set_webhook(self) -> None:
         url = f"{self.settings.public_base_url}/telegram/webhook"
@@ -123,14 +140,23 @@ class TelegramBot:
                 return
             except TelegramError as failure:
                 log.warning("could not set the bot's webhook (%s); trying again", failure)
-            if self._stopping.wait(2**attempt):
+            if self.background.stopping.wait(2**attempt):
                 return
 
     # -- updates -------------------------------------------------------------------------------
 
-    def receive(self, update: dict) -> None:
-        """Handle an update in the background: Telegram wants its answer at once."""
-        _thread.start_new_thread(self._handle, (update,))
+    def take_update(self, secret: str, update: Any) -> None:
+        """An update posted to us: only with the secret Telegram was given, and each only once.
+
+        It is handled in the background: Telegram wants its answer at once.
+        """
+        expected = self.settings.telegram_webhook_secret.encode()
+        if not hmac.compare_digest(secret.encode("utf-8", "surrogateescape"), expected):
+            raise Unauthorized("This address takes updates only from Telegram.")
+        if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
+            raise InvalidRequest("A Telegram update is a JSON object with an update_id.")
+        if self.seen.first_time(f"telegram-update:{update['update_id']}", UPDATES_REMEMBERED):
+            self.background.spawn(self._handle, update)
 
     def _handle(self, update: dict) -> None:
         message = update.get("message")
@@ -152,7 +178,7 @@ class TelegramBot:
         if command in ("/start", "/help"):
             self._say(chat_id, message_id, HELP)
         elif command == "/new":
-            self.lifecycle.store.forget(self._conversation(chat_id))
+            self.conversations.forget(self._conversation(chat_id))
             self._say(chat_id, message_id, "Starting over: your next message makes a new picture.")
         elif command == "/undo":
             self._undo(chat_id, message_id)
@@ -163,10 +189,10 @@ class TelegramBot:
 
     def _undo(self, chat_id: int, message_id: int) -> None:
         conversation = self._conversation(chat_id)
-        if self.lifecycle.store.undo(conversation) is None:
+        if self.conversations.undo(conversation) is None:
             self._say(chat_id, message_id, "There is nothing to undo yet.")
             return
-        back = self.lifecycle.store.last_picture(conversation)
+        back = self.conversations.last(conversation)
         if back is None:
             self._say(chat_id, message_id, "Went back to the start: your next message makes a new picture.")
             return
@@ -174,7 +200,7 @@ class TelegramBot:
         self.api.call("sendPhoto", chat_id=chat_id, photo=back.image_url, caption=caption[:CAPTION_LIMIT])
 
     def _edit_photo(self, chat_id: int, message_id: int, sizes: list, caption: str) -> None:
-        media = self.lifecycle.media
+        media = self.media
         if media is None or not media.reachable:
             self._say(chat_id, message_id, NEEDS_MEDIA)
             return
@@ -194,7 +220,7 @@ class TelegramBot:
 
     def _generate(self, chat_id: int, message_id: int, prompt: str, image_url: str | None = None) -> None:
         """Make or edit the chat's picture; `deliver` sends it (or why not) when the task ends."""
-        user_id = f"telegram:{chat_id}"
+        user_id = chat_user(chat_id)
         if self.settings.rate_limit and not self.allowed(user_id):
             self._say(chat_id, message_id, LIMITED)
             return
@@ -205,9 +231,9 @@ class TelegramBot:
             self._say(chat_id, message_id, wrong.message)
             return
         showing = threading.Event()
-        _thread.start_new_thread(self._show_progress, (chat_id, showing))
+        self.background.spawn(self._show_progress, chat_id, showing)
         try:
-            self.lifecycle.generate(wanted, OWNER, deliver_to=f"{TARGET_PREFIX}{chat_id}:{message_id}")
+            self.lifecycle.generate(wanted, OWNER, deliver_to=f"{SCHEME}:{chat_id}:{message_id}")
         except StoreUnavailable:
             self._say(chat_id, message_id, "I cannot make pictures right now. Please try again in a minute.")
         except Exception as failure:  # refused after it was recorded: deliver() tells the chat why
@@ -217,21 +243,24 @@ class TelegramBot:
 
     def _show_progress(self, chat_id: int, done: threading.Event) -> None:
         """`sendChatAction upload_photo` until the picture is ready (Telegram shows each for 5 s)."""
-        while not done.is_set() and not self._stopping.is_set():
+        while not done.is_set() and not self.background.stopping.is_set():
             try:
                 self.api.call("sendChatAction", chat_id=chat_id, action="upload_photo")
             except TelegramError as failure:
                 log.info("chat %d: %s", chat_id, failure)
             done.wait(CHAT_ACTION_EVERY)
 
-    # -- deliveries (called by webhooks.Webhooks) ------------------------------------------------
+    # -- the channel of deliveries (domain/deliveries.py) -------------------------------------------
+
+    def check(self, target: str) -> None:
+        """Targets of this channel are made here, never given by a caller."""
 
     def deliver(self, record: TaskRecord) -> bool:
         """Send the ended task to its chat, in reply to the message that asked: the picture, or why not."""
-        chat_id, message_id = (int(part) for part in record.callback_url.removeprefix(TARGET_PREFIX).split(":"))
+        chat_id, message_id = (int(part) for part in record.deliver_to.removeprefix(f"{SCHEME}:").split(":"))
         reply = {"message_id": message_id, "allow_sending_without_reply": True}
         try:
-            if record.state == "success":
+            if record.state == TaskState.SUCCESS:
                 caption = (record.prompt or "")[:CAPTION_LIMIT]
                 self.api.call(
                     "sendPhoto", chat_id=chat_id, photo=record.image_urls[0], caption=caption, reply_parameters=reply
@@ -252,9 +281,9 @@ class TelegramBot:
 
     @staticmethod
     def _conversation(chat_id: int) -> str:
-        return conversation_key(OWNER, f"telegram:{chat_id}")
+        return conversation_key(OWNER, chat_user(chat_id))
 
 
-def first_update(store, update_id: int) -> bool:
-    """True the first time Telegram sends this update (it repeats one it thinks was not received)."""
-    return store.first_time(f"telegram-update:{update_id}", 24 * 3600)
+def chat_user(chat_id: int) -> str:
+    """The user id of a chat's conversation."""
+    return f"telegram:{chat_id}"

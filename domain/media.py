@@ -20,6 +20,7 @@ from typing import IO
 import requests
 
 from config import Settings
+from domain.netguard import plain_session
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,8 @@ class Media:
 
     reachable = True  # the copies' addresses can be fetched from outside, so the upstream can edit them
 
-    def __init__(self):
-        self.session = requests.Session()
-        self.session.trust_env = False
+    def __init__(self, session: requests.Session | None = None):
+        self.session = session or plain_session()
 
     def keep(self, url: str) -> str | None:
         """The address of a lasting copy of the picture at `url`; None if none could be made."""
@@ -102,6 +102,10 @@ class Media:
                 into.write(chunk)
         return content_type
 
+    def path(self, name: str) -> str | None:
+        """The file of a copy this service serves itself (at /media/<name>), if `name` is one."""
+        return None
+
     def _put(self, name: str, content: IO[bytes], content_type: str) -> str:
         raise NotImplementedError
 
@@ -115,8 +119,8 @@ class Media:
 class LocalMedia(Media):
     """Files in a folder, served by the service itself at /media/<name>."""
 
-    def __init__(self, folder: str, base_url: str, reachable: bool):
-        super().__init__()
+    def __init__(self, folder: str, base_url: str, reachable: bool, session: requests.Session | None = None):
+        super().__init__(session)
         self.folder = folder
         self.prefix = f"{base_url.rstrip('/')}/media/"
         self.reachable = reachable
@@ -147,8 +151,8 @@ class LocalMedia(Media):
 class S3Media(Media):
     """Objects in a bucket of any S3-compatible store, readable by their address (a public bucket policy)."""
 
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None):
-        super().__init__()
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, session: requests.Session | None = None):
+        super().__init__(session)
         import boto3  # only when S3 is used: it takes a while to load
 
         self.bucket = bucket
@@ -170,12 +174,12 @@ class S3Media(Media):
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
 
 
-def open_media(settings: Settings) -> Media | None:
+def open_media(settings: Settings, session: requests.Session | None = None) -> Media | None:
     """The media store MEDIA_STORE names, or None to keep the upstream's addresses."""
     if settings.media_store is None:
         return None
     if settings.media_store == "local":
         base_url = settings.public_base_url or f"http://127.0.0.1:{settings.port}"
-        return LocalMedia(settings.media_dir, base_url, reachable=settings.public_base_url is not None)
+        return LocalMedia(settings.media_dir, base_url, reachable=settings.public_base_url is not None, session=session)
     bucket, _, prefix = settings.media_store.removeprefix("s3://").partition("/")
-    return S3Media(bucket, prefix, settings.s3_endpoint_url)
+    return S3Media(bucket, prefix, settings.s3_endpoint_url, session)

@@ -8,6 +8,7 @@ Keys expire by themselves (tasks after a day, users after HISTORY_TTL); nothing 
 from __future__ import annotations
 
 import json
+import string
 import threading
 import time
 from collections.abc import Callable
@@ -18,21 +19,27 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from config import IDEMPOTENCY_TTL, TASK_TTL
+from errors import IdempotencyConflict, StoreUnavailable
 from stores.records import (
     CHAIN_LENGTH,
     FOLLOWER_LEASE,
-    IDEMPOTENCY_TTL,
-    TASK_TTL,
-    IdempotencyConflict,
+    DeliveryState,
     IdempotencyKey,
     Picture,
-    StoreUnavailable,
     TaskRecord,
-    Waiters,
+    TaskState,
     task_fields,
     task_record,
 )
+from stores.wakeups import Waiters
 
+LUA_STATES = {
+    "pending": TaskState.PENDING,
+    "success": TaskState.SUCCESS,
+    "unconfirmed": TaskState.UNCONFIRMED,
+    "delivery_pending": DeliveryState.PENDING,
+}
 # A greenlet holds a connection for one round trip, so a few dozen serve thousands of waiting
 # requests; past the limit a caller waits for a free one (it never fails with "Too many connections").
 MAX_CONNECTIONS = 100
@@ -62,7 +69,7 @@ return {ARGV[2], tostring(sequence)}
 # persistence) comes back.
 _COMPLETE = """
 local stored = redis.call('HMGET', KEYS[1], 'state', 'follower')
-if stored[1] and stored[1] ~= 'pending' and stored[1] ~= 'unconfirmed' then return 0 end
+if stored[1] and stored[1] ~= '$pending' and stored[1] ~= '$unconfirmed' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local task = redis.call('HMGET', KEYS[1], 'task_id', 'follower', 'state', 'conversation', 'sequence',
@@ -73,8 +80,8 @@ if task[6] and task[6] ~= '' then
     redis.call('SET', ARGV[1] .. 'upstream:' .. task[6], task[1], 'EX', ARGV[3])
 end
 local webhook = redis.call('HMGET', KEYS[1], 'webhook_state', 'webhook_due')
-if webhook[1] == 'pending' then redis.call('ZADD', ARGV[1] .. 'webhooks', webhook[2], task[1]) end
-if task[3] == 'success' and task[4] and task[4] ~= '' and ARGV[5] ~= '' then
+if webhook[1] == '$delivery_pending' then redis.call('ZADD', ARGV[1] .. 'webhooks', webhook[2], task[1]) end
+if task[3] == '$success' and task[4] and task[4] ~= '' and ARGV[5] ~= '' then
     local user_key, chain_key = ARGV[1] .. 'user:' .. task[4], ARGV[1] .. 'chain:' .. task[4]
     local forgotten_before = tonumber(redis.call('HGET', user_key, 'forgotten_before')) or -1
     if tonumber(task[5]) > forgotten_before then
@@ -95,7 +102,7 @@ redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
 return 1
 """
 # KEYS: webhooks (a sorted set of task ids by when they are due); ARGV: prefix, now, lease end, limit
-_DUE_WEBHOOKS = """
+_DUE_DELIVERIES = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
 for _, id in ipairs(due) do
     redis.call('ZADD', KEYS[1], ARGV[3], id)
@@ -104,10 +111,10 @@ end
 return due
 """
 # KEYS: task, webhooks; ARGV: task id, webhook id, state, attempts, due
-_WEBHOOK_ATTEMPTED = """
+_DELIVERY_ATTEMPTED = """
 if redis.call('HGET', KEYS[1], 'webhook_id') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'webhook_state', ARGV[3], 'webhook_attempts', ARGV[4], 'webhook_due', ARGV[5])
-if ARGV[3] == 'pending' then
+if ARGV[3] == '$delivery_pending' then
     redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 else
     redis.call('ZREM', KEYS[2], ARGV[1])
@@ -140,7 +147,7 @@ for _, follower in ipairs(lapsed) do
         local set = ARGV[1] .. 'following:' .. follower
         for _, id in ipairs(redis.call('SPOP', set, limit - #taken)) do
             local key = ARGV[1] .. 'task:' .. id
-            if redis.call('HGET', key, 'state') == 'pending' then
+            if redis.call('HGET', key, 'state') == '$pending' then
                 redis.call('HSET', key, 'follower', ARGV[2])
                 redis.call('SADD', ARGV[1] .. 'following:' .. ARGV[2], id)
                 table.insert(taken, id)
@@ -156,8 +163,6 @@ return taken
 class RedisStore:
     """The same store in Redis: every worker and instance sees the same users, tasks and followers."""
 
-    name = "redis"
-
     def __init__(self, url: str, history_ttl: int, prefix: str = "nanobanana:", clock: Callable[[], float] = time.time):
         self.history_ttl = history_ttl
         self.prefix = prefix
@@ -172,14 +177,14 @@ class RedisStore:
             health_check_interval=30,
         )
         self.redis = redis.Redis(connection_pool=self.pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
-        self._record = self.redis.register_script(_RECORD)
-        self._submitted = self.redis.register_script(_SUBMITTED)
-        self._complete = self.redis.register_script(_COMPLETE)
-        self._forget = self.redis.register_script(_FORGET)
-        self._undo = self.redis.register_script(_UNDO)
-        self._take_over = self.redis.register_script(_TAKE_OVER)
-        self._due_webhooks = self.redis.register_script(_DUE_WEBHOOKS)
-        self._webhook_attempted = self.redis.register_script(_WEBHOOK_ATTEMPTED)
+        self._record = self._script(_RECORD)
+        self._submitted = self._script(_SUBMITTED)
+        self._complete = self._script(_COMPLETE)
+        self._forget = self._script(_FORGET)
+        self._undo = self._script(_UNDO)
+        self._take_over = self._script(_TAKE_OVER)
+        self._due_deliveries = self._script(_DUE_DELIVERIES)
+        self._delivery_attempted = self._script(_DELIVERY_ATTEMPTED)
         self._waiters = Waiters()
         self._subscriber: threading.Thread | None = None
         self._subscriber_lock = threading.Lock()
@@ -247,7 +252,7 @@ class RedisStore:
 
     def complete_task(self, record: TaskRecord) -> TaskRecord:
         now = self.clock()
-        picture = json.dumps(asdict(Picture.of(record, now))) if record.state == "success" else ""
+        picture = json.dumps(asdict(Picture.of(record, now))) if record.state == TaskState.SUCCESS else ""
         args = [self.prefix, self.history_ttl, TASK_TTL, now, picture, CHAIN_LENGTH, *_pairs(task_fields(record))]
         self._call(self._complete, keys=[self._key("task:", record.task_id)], args=args)
         return self.task(record.task_id) or record
@@ -266,15 +271,15 @@ class RedisStore:
 
     # -- webhooks to callers ------------------------------------------------------------------
 
-    def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
+    def due_deliveries(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
         args = [self.prefix, now, lease_until, limit]
-        due = self._call(self._due_webhooks, keys=[self._key("webhooks")], args=args)
+        due = self._call(self._due_deliveries, keys=[self._key("webhooks")], args=args)
         return self._records(due)
 
-    def webhook_attempted(self, task_id: str, webhook_id: str, state: str, attempts: int, due: float | None) -> None:
+    def delivery_attempted(self, task_id: str, webhook_id: str, state: str, attempts: int, due: float | None) -> None:
         keys = [self._key("task:", task_id), self._key("webhooks")]
         args = [task_id, webhook_id, state, attempts, "" if due is None else due]
-        self._call(self._webhook_attempted, keys=keys, args=args)
+        self._call(self._delivery_attempted, keys=keys, args=args)
 
     # -- followers -------------------------------------------------------------------------
 
@@ -346,6 +351,10 @@ class RedisStore:
             for task_id in task_ids:
                 pipe.hgetall(self._key("task:", task_id))
             return [task_record(fields) for fields in self._call(pipe.execute) if fields]
+
+    def _script(self, lua: str):
+        """A Lua script with the states written in ($pending, ...), registered with Redis."""
+        return self.redis.register_script(string.Template(lua).substitute(LUA_STATES))
 
     def _key(self, kind: str, name: str = "") -> str:
         return self.prefix + kind + name

@@ -16,21 +16,21 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
+from config import IDEMPOTENCY_TTL, TASK_TTL
+from errors import IdempotencyConflict, StoreUnavailable
 from stores.records import (
     CHAIN_LENGTH,
     FOLLOWER_LEASE,
-    IDEMPOTENCY_TTL,
     TASK_FIELDS,
-    TASK_TTL,
-    IdempotencyConflict,
+    DeliveryState,
     IdempotencyKey,
     Picture,
-    StoreUnavailable,
     TaskRecord,
-    Waiters,
+    TaskState,
     task_fields,
     task_record,
 )
+from stores.wakeups import Waiters
 
 # Each entry brings the schema from the version before it to the next; PRAGMA user_version says
 # which ones a database has had. Append, never edit: a release that changes the schema adds one.
@@ -108,6 +108,9 @@ MIGRATIONS = (
     """
     CREATE TABLE seen (key TEXT PRIMARY KEY, until REAL NOT NULL);
     """,
+    """
+    ALTER TABLE tasks RENAME COLUMN callback_url TO deliver_to;  -- "callback" is the upstream's call to us
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -119,8 +122,6 @@ _SETTLE = ", ".join(f"{name} = excluded.{name}" for name in TASK_FIELDS if name 
 
 class SqliteStore:
     """Conversations, the ledger, idempotency keys and followers in one SQLite file."""
-
-    name = "sqlite"
 
     def __init__(self, path: str, history_ttl: float, max_users: int, clock: Callable[[], float] = time.time):
         self.path = path
@@ -252,10 +253,11 @@ class SqliteStore:
         with self._transaction() as db:
             changed = db.execute(
                 f"INSERT INTO tasks ({_COLUMNS}) VALUES ({_PLACEHOLDERS}) "
-                f"ON CONFLICT (task_id) DO UPDATE SET {_SETTLE} WHERE tasks.state IN ('pending', 'unconfirmed')",
+                f"ON CONFLICT (task_id) DO UPDATE SET {_SETTLE} "
+                f"WHERE tasks.state IN ('{TaskState.PENDING}', '{TaskState.UNCONFIRMED}')",
                 task_fields(record),
             ).rowcount
-            if changed and record.state == "success" and record.conversation is not None:
+            if changed and record.state == TaskState.SUCCESS and record.conversation is not None:
                 self._add_picture(db, record)
             row = db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (record.task_id,)).fetchone()
         return task_record(row)
@@ -280,17 +282,17 @@ class SqliteStore:
 
     # -- webhooks to callers ------------------------------------------------------------------
 
-    def due_webhooks(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
+    def due_deliveries(self, now: float, lease_until: float, limit: int) -> list[TaskRecord]:
         with self._transaction() as db:
             rows = db.execute(
                 f"UPDATE tasks SET webhook_due = ? WHERE task_id IN (SELECT task_id FROM tasks "
-                "WHERE webhook_state = 'pending' AND webhook_due <= ? ORDER BY webhook_due LIMIT ?) "
+                f"WHERE webhook_state = '{DeliveryState.PENDING}' AND webhook_due <= ? ORDER BY webhook_due LIMIT ?) "
                 f"RETURNING {_COLUMNS}",
                 (lease_until, now, limit),
             ).fetchall()
         return [task_record(row) for row in rows]
 
-    def webhook_attempted(self, task_id: str, webhook_id: str, state: str, attempts: int, due: float | None) -> None:
+    def delivery_attempted(self, task_id: str, webhook_id: str, state: str, attempts: int, due: float | None) -> None:
         self._run(
             "UPDATE tasks SET webhook_state = ?, webhook_attempts = ?, webhook_due = ? "
             "WHERE task_id = ? AND webhook_id = ?",
@@ -309,8 +311,8 @@ class SqliteStore:
     def take_over(self, follower: str, now: float, limit: int) -> list[TaskRecord]:
         with self._transaction() as db:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE state = 'pending' AND follower != ? AND follower NOT IN "
-                "(SELECT follower FROM followers WHERE alive_until >= ?) LIMIT ?",
+                f"SELECT {_COLUMNS} FROM tasks WHERE state = '{TaskState.PENDING}' AND follower != ? "
+                "AND follower NOT IN (SELECT follower FROM followers WHERE alive_until >= ?) LIMIT ?",
                 (follower, now, limit),
             ).fetchall()
             db.executemany("UPDATE tasks SET follower = ? WHERE task_id = ?", [(follower, r["task_id"]) for r in rows])
@@ -341,7 +343,7 @@ class SqliteStore:
     def purge(self, now: float) -> None:
         """Drop what has outlived its time, and the least recently updated users beyond the limit."""
         with self._transaction() as db:
-            db.execute("DELETE FROM tasks WHERE created_at < ? AND state != 'pending'", (now - TASK_TTL,))
+            db.execute(f"DELETE FROM tasks WHERE created_at < ? AND state != '{TaskState.PENDING}'", (now - TASK_TTL,))
             db.execute("DELETE FROM tasks WHERE created_at < ?", (now - 2 * TASK_TTL,))
             db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))
             db.execute("DELETE FROM seen WHERE until <= ?", (now,))
@@ -354,7 +356,7 @@ class SqliteStore:
             db.execute("DELETE FROM pictures WHERE conversation NOT IN (SELECT conversation FROM history)")
             db.execute(
                 "DELETE FROM followers WHERE alive_until < ? AND follower NOT IN "
-                "(SELECT follower FROM tasks WHERE state = 'pending')",
+                f"(SELECT follower FROM tasks WHERE state = '{TaskState.PENDING}')",
                 (now - TASK_TTL,),
             )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import pytest
@@ -111,10 +112,26 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-def app(settings, session):
-    app = create_app(settings, session=session)
-    yield app
-    stop_background(app)
+def make_app(settings, session):
+    """Apps with adjusted settings (and any parts handed in, like a store); each is stopped after the test.
+
+    The upstream is the in-process emulator; with another `api_base` (a served emulator) it is real HTTP.
+    """
+    made = []
+
+    def make(*, store=None, **changes):
+        app = create_app(replace(settings, **changes), session=session, store=store)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        stop_background(app)
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture

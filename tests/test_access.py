@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import pytest
-
-from app import create_app
 
 TOKEN_A, TOKEN_B = "token-for-alice-bot", "token-for-bob-bot"
 
 
 @pytest.fixture
-def guarded(settings, session):
+def guarded(make_app):
     """The app with two access tokens."""
-    return create_app(replace(settings, access_tokens=(TOKEN_A, TOKEN_B)), session=session).test_client()
+    return make_app(access_tokens=(TOKEN_A, TOKEN_B)).test_client()
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -69,8 +66,8 @@ def test_conversations_are_kept_apart_per_token(guarded):
 
 
 @pytest.fixture
-def limited(settings, session):
-    return create_app(replace(settings, rate_limit="2/minute"), session=session).test_client()
+def limited(make_app):
+    return make_app(rate_limit="2/minute").test_client()
 
 
 def test_rate_limit_per_user(limited, emulated):
@@ -92,14 +89,14 @@ def test_rate_limit_headers_only_on_the_429(limited):
     assert "Retry-After" in answers[2].headers
 
 
-def test_refused_requests_do_not_count_against_the_limit(limited, settings, session):
+def test_refused_requests_do_not_count_against_the_limit(make_app, limited):
     for params in ({"prompt": "a cat", "format": "xml"}, {"prompt": ""}, {"prompt": "a", "num_images": "9"}):
         for _ in range(2):
             assert generate(limited, user_id="clumsy", **params).status_code == 400
     too_large = limited.post("/nanobanana?user_id=clumsy", data={"prompt": "x" * (1024 * 1024 + 1)})
     assert too_large.status_code == 413
     assert [generate(limited, prompt="a cat", user_id="clumsy").status_code for _ in range(3)] == [200, 200, 429]
-    guarded = create_app(replace(settings, rate_limit="2/minute", access_tokens=("t",)), session=session).test_client()
+    guarded = make_app(rate_limit="2/minute", access_tokens=("t",)).test_client()
     assert [generate(guarded, prompt="a cat", user_id="u").status_code for _ in range(3)] == [401, 401, 401]
     assert generate(guarded, {"Authorization": "Bearer t"}, prompt="a cat", user_id="u").status_code == 200
 
@@ -128,8 +125,8 @@ def test_rate_limit_only_on_generation(limited):
         assert limited.get("/nanobanana/history/eager").status_code == 200
 
 
-def test_rate_limit_off(settings, session):
-    client = create_app(replace(settings, rate_limit=None), session=session).test_client()
+def test_rate_limit_off(make_app):
+    client = make_app(rate_limit=None).test_client()
     assert all(generate(client, prompt="a cat").status_code == 200 for _ in range(25))
 
 

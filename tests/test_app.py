@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
-from app import create_app
-from config import Settings
-from stores.records import StoreUnavailable
+from errors import StoreUnavailable
 from stores.sqlite import SqliteStore
 from tests.conftest import UPSTREAM
 from tools.processes import wait_until
@@ -170,8 +166,8 @@ def test_status_url_honours_the_proxy(client):
     assert answer.json["status_url"].startswith("https://banana.example.com/nanobanana/tasks/")
 
 
-def test_task_status_asks_upstream_at_most_once_per_interval(settings, session, emulated):
-    client = create_app(replace(settings, poll_interval=1.0), session=session).test_client()
+def test_task_status_asks_upstream_at_most_once_per_interval(make_app, emulated):
+    client = make_app(poll_interval=1.0).test_client()
     pending = generate(client, prompt="[delay=5] a cat", wait="0.3").json  # submitted; first poll due at 1 s
     for _ in range(5):
         assert client.get(f"/nanobanana/tasks/{pending['task_id']}").status_code == 202
@@ -233,15 +229,13 @@ def test_healthz(client):
     }
 
 
-def test_healthz_says_demo_when_the_upstream_is_the_local_emulator(settings, session):
-    local = create_app(replace(settings, api_base="http://127.0.0.1:9000"), session=session).test_client()
+def test_healthz_says_demo_when_the_upstream_is_the_local_emulator(make_app):
+    local = make_app(api_base="http://127.0.0.1:9000").test_client()
     assert local.get("/healthz").json["demo"] is True
 
 
-def test_without_keys_generation_is_not_configured(session):
-    client = create_app(
-        Settings(api_keys=(), api_base=UPSTREAM, poll_interval=0.05, database_path=":memory:"), session=session
-    ).test_client()
+def test_without_keys_generation_is_not_configured(make_app):
+    client = make_app(api_keys=()).test_client()
     assert client.get("/healthz").json["configured"] is False
     answer = generate(client, prompt="a cat")
     assert answer.status_code == 503
@@ -414,12 +408,12 @@ def test_body_over_one_mebibyte_is_413(client):
     assert answer.status_code == 413 and answer.json["error"]["code"] == "too_large"
 
 
-def test_unexpected_failure_is_json_500_without_a_trace(settings, session):
+def test_unexpected_failure_is_json_500_without_a_trace(make_app):
     class BrokenStore(SqliteStore):
         def last_picture(self, conversation):
             raise RuntimeError("disk on fire at /srv/secret/path")
 
-    client = create_app(settings, session=session, store=BrokenStore(":memory:", 3600, 10)).test_client()
+    client = make_app(store=BrokenStore(":memory:", 3600, 10)).test_client()
     answer = generate(client, prompt="a cat", user_id="alice")
     assert answer.status_code == 500
     assert answer.json["error"]["code"] == "internal_error"
@@ -458,11 +452,11 @@ def test_callback_is_counted_and_logged(client, caplog):
     assert 'route="/nanobanana/callback",status="200"' in client.get("/metrics").text
 
 
-def test_callback_while_the_store_is_away_is_503(settings, session):
+def test_callback_while_the_store_is_away_is_503(make_app):
     class AwayStore(SqliteStore):
         def task(self, task_id):
             raise StoreUnavailable("connection refused")
 
-    client = create_app(settings, session=session, store=AwayStore(":memory:", 3600, 10)).test_client()
+    client = make_app(store=AwayStore(":memory:", 3600, 10)).test_client()
     answer = client.post("/nanobanana/callback?secret=s", json={"data": {"taskId": "t"}})
     assert answer.status_code == 503 and answer.json["error"]["code"] == "store_unavailable"

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
-
-from app import create_app
 
 
 def generate(client, headers=None, **params):
@@ -63,8 +59,8 @@ def test_from_task_by_the_upstreams_id_too(client, emulated):
 
 
 @pytest.mark.parametrize("whose", ["unknown", "failed", "other token"])
-def test_from_task_that_is_not_a_finished_picture_of_yours_is_404(settings, session, emulated, whose):
-    guarded = create_app(replace(settings, access_tokens=("mine", "theirs")), session=session).test_client()
+def test_from_task_that_is_not_a_finished_picture_of_yours_is_404(make_app, emulated, whose):
+    guarded = make_app(access_tokens=("mine", "theirs")).test_client()
     mine, theirs = {"Authorization": "Bearer mine"}, {"Authorization": "Bearer theirs"}
     task_id = {
         "unknown": lambda: "no-such-task",

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import pytest
 
-from app import create_app
+from app import start_background, stop_background
 from tests.helpers import emulated_upstream
 from tools.processes import wait_until
 
@@ -16,24 +15,9 @@ def generate(client, headers=None, **params):
     return client.get("/nanobanana", query_string=params, headers=headers or {})
 
 
-def lifecycle(client):
-    return client.application.extensions["lifecycle"]
-
-
 @pytest.fixture
-def make_client(settings, session):
-    """Apps with adjusted settings; their background work is stopped after the test."""
-    apps = []
-
-    def make(**changes):
-        over_http = "api_base" in changes  # a real emulator, where time-outs are real
-        app = create_app(replace(settings, **changes), session=None if over_http else session)
-        apps.append(app)
-        return app.test_client()
-
-    yield make
-    for app in apps:
-        app.extensions["lifecycle"].stop()
+def make_client(make_app):
+    return lambda **changes: make_app(**changes).test_client()
 
 
 def test_the_task_id_is_ours_and_the_upstreams_id_is_told_too(client, emulated):
@@ -109,27 +93,24 @@ def test_a_refused_submission_answers_at_once_even_with_callbacks_on(make_client
     assert time.monotonic() - started < 10  # not held for the window, waiting for a callback that cannot come
 
 
-def test_a_refused_submission_frees_its_idempotency_key(settings, session, emulated, tmp_path):
-    shared = replace(settings, database_path=str(tmp_path / "shared.sqlite3"))
+def test_a_refused_submission_frees_its_idempotency_key(make_app, emulated, tmp_path):
+    shared_path = str(tmp_path / "shared.sqlite3")
     key = {"Idempotency-Key": "order-42"}
     emulated.keys.update({"key-one": 0, "key-two": 0})
-    assert generate(create_app(shared, session=session).test_client(), key, prompt="a cat").status_code == 503
+    assert generate(make_app(database_path=shared_path).test_client(), key, prompt="a cat").status_code == 503
     emulated.keys["key-two"] = 10  # the owner buys credits and restarts the service
-    assert generate(create_app(shared, session=session).test_client(), key, prompt="a cat").status_code == 200
+    assert generate(make_app(database_path=shared_path).test_client(), key, prompt="a cat").status_code == 200
     assert len(emulated.tasks) == 1
 
 
-def test_a_stopped_process_hands_its_pending_tasks_over_at_once(settings, session, emulated, tmp_path):
-    shared = replace(settings, database_path=str(tmp_path / "shared.sqlite3"))
-    leaving = create_app(shared, session=session)
+def test_a_stopped_process_hands_its_pending_tasks_over_at_once(make_app, emulated, tmp_path):
+    shared_path = str(tmp_path / "shared.sqlite3")
+    leaving = make_app(database_path=shared_path)
     pending = generate(leaving.test_client(), prompt="[delay=0.5] a cat", user_id="handed", wait="0.2").json
     assert pending["upstream_task_id"] is not None
-    leaving.extensions["lifecycle"].stop()  # as gunicorn's worker_exit does
-    staying = create_app(shared, session=session)
-    staying.extensions["lifecycle"].start()
-    try:
-        client = staying.test_client()
-        done = wait_until(lambda: (r := client.get("/nanobanana/history/handed")).json["last_image_url"] and r)
-        assert done.json["last_image_url"] == emulated.tasks[pending["upstream_task_id"]].image_urls[0]
-    finally:
-        staying.extensions["lifecycle"].stop()
+    stop_background(leaving)  # as gunicorn's worker_exit does
+    staying = make_app(database_path=shared_path)
+    start_background(staying)
+    client = staying.test_client()
+    done = wait_until(lambda: (r := client.get("/nanobanana/history/handed")).json["last_image_url"] and r)
+    assert done.json["last_image_url"] == emulated.tasks[pending["upstream_task_id"]].image_urls[0]

@@ -8,15 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from stores.records import (
-    CHAIN_LENGTH,
-    FOLLOWER_LEASE,
-    IdempotencyConflict,
-    IdempotencyKey,
-    Store,
-    StoreUnavailable,
-    TaskRecord,
-)
+from errors import IdempotencyConflict, StoreUnavailable
+from stores.interface import Store
+from stores.records import CHAIN_LENGTH, FOLLOWER_LEASE, IdempotencyKey, TaskRecord
 from stores.redis import RedisStore
 from stores.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, open_database
 from tools.processes import wait_until

@@ -13,9 +13,9 @@ import pytest
 from flask import Flask, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from app import create_app
+from domain.netguard import RefusedTarget, check_target, inside, public_session
 from domain.params import preferred_wait
-from domain.webhooks import RefusedTarget, check_target, event, inside, webhook_session
+from domain.webhooks import event
 from stores.records import TaskRecord
 from tests.helpers import served_environ
 from tools.processes import Service, serving, wait_until
@@ -63,15 +63,15 @@ def test_public_addresses_are_allowed_and_private_ones_when_allowed():
 def test_the_address_actually_reached_is_checked_too():
     """A name that resolved outside when it was checked may resolve inside later: the connection is refused."""
     with serving(Flask("target")) as url, pytest.raises(RefusedTarget):
-        webhook_session(allow_private=False).post(f"{url}/hook", data=b"{}", timeout=5)
+        public_session(allow_private=False).post(f"{url}/hook", data=b"{}", timeout=5)
 
 
 # -- in process: refusals and Prefer ----------------------------------------------------------------------
 
 
 @pytest.fixture
-def signed(settings, session):
-    return create_app(replace(settings, webhook_secret=SECRET), session=session).test_client()
+def signed(make_app):
+    return make_app(webhook_secret=SECRET).test_client()
 
 
 @pytest.mark.parametrize(
@@ -107,12 +107,12 @@ def test_prefer_respond_async_and_wait(client):
 
 
 def test_the_event_carries_the_task_answer():
+    made = ("https://files.test/cat.png",)
     record = TaskRecord("t1", "", None, None, "text-to-image", (), False, 0.0, state="success", completed_at=60.0)
-    assert event(record, {"status": "success"}) == {
-        "type": "generation.succeeded",
-        "timestamp": "1970-01-01T00:01:00Z",
-        "data": {"status": "success"},
-    }
+    sent = event(replace(record, image_urls=made))
+    assert (sent["type"], sent["timestamp"]) == ("generation.succeeded", "1970-01-01T00:01:00Z")
+    assert (sent["data"]["status"], sent["data"]["task_id"], sent["data"]["image_url"]) == ("success", "t1", made[0])
+    assert event(replace(record, state="failed"))["type"] == "generation.failed"
 
 
 # -- over real HTTP, to a receiver that verifies every delivery ---------------------------------------------

@@ -329,7 +329,10 @@ def callback_body(task: EmulatedTask) -> dict:
 
 class CallbackSender:
     """Posts each task's callback when it is due, each in its own thread (a greenlet under gevent),
-    as the upstream does: a slow receiver delays no other callback."""
+    as the upstream does: a slow receiver delays no other callback. Its thread ends after a minute
+    with nothing to send, and starts again with the next callback."""
+
+    IDLE_SECONDS = 60.0
 
     def __init__(self):
         self._due: list[tuple[float, str, EmulatedTask]] = []
@@ -358,12 +361,18 @@ class CallbackSender:
         # urllib3 rather than requests: a burst of a thousand callbacks must leave on time
         self._pool = urllib3.PoolManager(maxsize=64, block=True, timeout=urllib3.Timeout(connect=2, read=15))
         self._post_errors = urllib3.exceptions.HTTPError
-        while True:
-            with self._wake:
-                while not self._due or self._due[0][0] > time.monotonic():
-                    self._wake.wait(timeout=self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, task = heapq.heappop(self._due)
+        while (task := self._next_due()) is not None:
             threading.Thread(target=self._post, args=(task,), daemon=True).start()
+
+    def _next_due(self) -> EmulatedTask | None:
+        """The next callback once it is due; None (and the thread ends) after IDLE_SECONDS with none to send."""
+        with self._wake:
+            while not self._due or self._due[0][0] > time.monotonic():
+                pause = self._due[0][0] - time.monotonic() if self._due else self.IDLE_SECONDS
+                if not self._wake.wait(timeout=pause) and not self._due:
+                    self._thread = None
+                    return None
+            return heapq.heappop(self._due)[2]
 
     def _post(self, task: EmulatedTask) -> None:
         # The real upstream retries a few times; the service polls as a fallback anyway.

@@ -14,28 +14,24 @@ from flask_limiter import Limiter
 from limits.storage import MemoryStorage
 
 from config import Settings
-from domain.lifecycle import conversation_key
+from domain.conversations import conversation_key
 from domain.params import parse_user_id
-from errors import InvalidRequest
+from errors import InvalidRequest, Unauthorized
+from web.telemetry import GENERATE_ENDPOINT
 
-OPEN_ENDPOINTS = {
-    "nanobanana.upstream_callback",
-    "nanobanana.healthz",
-    "nanobanana.openapi",
-    "nanobanana.home",
-    "nanobanana.media",
-    "nanobanana.telegram_webhook",
+OPEN_ENDPOINTS = {  # CONTRACT §5: every other route needs a token when ACCESS_TOKENS is set
+    "generation.upstream_callback",
+    "ops.healthz",
+    "ops.openapi",
+    "ops.home",
+    "ops.media",
+    "chats.telegram",  # its own secret guards it
     "static",
 }
-GENERATE_ENDPOINT = "nanobanana.generate"
 # Answers that spent nothing upstream, though they are 5xx: they do not count against RATE_LIMIT.
 NOTHING_SPENT = ("not_configured", "store_unavailable", "internal_error")
 
 RequestValues = Callable[[], Mapping[str, Sequence[str]]]
-
-
-class Unauthorized(Exception):
-    """Access tokens are on, and the request has none of them."""
 
 
 class SweptMemoryStorage(MemoryStorage):

@@ -21,9 +21,13 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 GENERATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120)
 
 
+GENERATE_ENDPOINT = "generation.generate"  # the route whose answers are timed, and rate limited (web/access.py)
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, metrics_dir: str | None = None):
         self.registry = registry
+        self.metrics_dir = metrics_dir  # PROMETHEUS_MULTIPROC_DIR: every worker's counts, summed
         self.requests = Counter(
             "nanobanana_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=registry
         )
@@ -94,9 +98,7 @@ def request_id(incoming: str) -> str:
 
 def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
     """Attach metrics, request ids and the request log to the app."""
-    metrics = Metrics(CollectorRegistry())
-    app.extensions["metrics"] = metrics
-    app.extensions["metrics_dir"] = metrics_dir
+    metrics = Metrics(CollectorRegistry(), metrics_dir)
 
     @app.before_request
     def start_request() -> None:
@@ -106,7 +108,7 @@ def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
     @app.after_request
     def finish_request(response: Response) -> Response:
         duration = time.monotonic() - g.get("started", time.monotonic())
-        if request.endpoint == "nanobanana.generate":
+        if request.endpoint == GENERATE_ENDPOINT:
             metrics.generation_seconds.labels(str(response.status_code)).observe(duration)
         response.headers["X-Request-ID"] = g.get("request_id", "")
         route = request.url_rule.rule if request.url_rule else "unmatched"
@@ -124,12 +126,11 @@ def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
     return metrics
 
 
-def exposition(app: Flask) -> Response:
+def exposition(metrics: Metrics) -> Response:
     """The metrics in Prometheus text format, summed over every worker when there are several."""
-    metrics_dir = app.extensions["metrics_dir"]
-    if metrics_dir:
+    if metrics.metrics_dir:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=metrics_dir)
+        MultiProcessCollector(registry, path=metrics.metrics_dir)
     else:
-        registry = app.extensions["metrics"].registry
+        registry = metrics.registry
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -15,13 +15,9 @@ from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
+from config import MAX_BODY_BYTES
+from errors import TooLarge
 from web import telemetry
-
-MAX_BODY_BYTES = 1024 * 1024
-
-
-class BodyTooLarge(Exception):
-    """A request body over MAX_BODY_BYTES."""
 
 
 class CallbackReceiver:
@@ -57,7 +53,7 @@ class CallbackReceiver:
     def _json_body(environ):
         raw = environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
         if len(raw) > MAX_BODY_BYTES:
-            raise BodyTooLarge()
+            raise TooLarge()
         try:
             return json.loads(raw)
         except ValueError:

@@ -95,7 +95,8 @@ class Worker(GeventWorker):
             log.error("could not answer a request (%s)", type(exc).__name__, exc_info=exc)
         else:  # the class of the error only: the raw request line may carry a token or a prompt
             log.warning("refused a request that is not valid HTTP (%s, %d)", type(exc).__name__, refusal.code)
-        from app import describe_error  # the app is loaded in the worker by now (not in gunicorn's arbiter)
+        # Imported here, in the worker after gevent patched the standard library, not in gunicorn's arbiter.
+        from web.errors import describe_error
 
         status, body = describe_error(refusal)
         payload = json.dumps(body).encode()

@@ -1,0 +1,22 @@
+"""Where chat platforms post: POST /telegram/webhook (Discord and Slack next). The platform's own rules
+(its secret, its update format) are its channel's (channels/); this is only the HTTP side."""
+
+from __future__ import annotations
+
+from flask import Blueprint, request
+
+from errors import NotFound
+from web.parts import parts
+
+bp = Blueprint("chats", __name__)
+
+
+@bp.post("/telegram/webhook", endpoint="telegram")
+def telegram_webhook():
+    """Telegram's updates: answered at once, handled in the background."""
+    bot = parts().telegram
+    if bot is None:
+        raise NotFound("This service runs no Telegram bot.")
+    secret = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+    bot.take_update(secret, request.get_json(silent=True))
+    return {"ok": True}

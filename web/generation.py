@@ -1,0 +1,51 @@
+"""Making pictures: GET/POST /nanobanana, and GET /nanobanana/tasks/<task_id>."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, g, request
+from werkzeug.exceptions import MethodNotAllowed
+
+from domain.params import parse_format, parse_generation
+from errors import UnknownTask
+from web.inputs import request_values
+from web.parts import parts
+from web.render import render_task
+
+bp = Blueprint("generation", __name__)
+
+
+@bp.route("/nanobanana", methods=["GET", "POST"])
+def generate():
+    if request.method == "HEAD":  # Flask adds HEAD to every GET route; here it would start a paid picture
+        raise MethodNotAllowed(valid_methods=["GET", "POST"])
+    values = request_values()
+    g.response_format = parse_format(values)
+    wanted = parse_generation(
+        values,
+        parts().settings.polling_window,
+        idempotency_header=request.headers.get("Idempotency-Key"),
+        prefer_header=request.headers.get("Prefer"),
+    )
+    with parts().metrics.in_flight.track_inprogress():
+        record = parts().lifecycle.generate(wanted, g.owner)
+    response = render_task(record, elapsed=time.monotonic() - g.started)
+    if wanted.preference_applied:
+        response.headers["Preference-Applied"] = wanted.preference_applied
+    return response
+
+
+@bp.get("/nanobanana/tasks/<task_id>")
+def task_status(task_id: str):
+    g.response_format = parse_format(request_values())
+    record = parts().lifecycle.task(task_id, g.owner)
+    if record is None:
+        raise UnknownTask()
+    return render_task(record, elapsed=(record.completed_at or time.time()) - record.created_at)
+
+
+@bp.post("/nanobanana/callback")
+def upstream_callback():
+    """In the route map for OpenAPI and for 405 on other methods; web/upstream_callbacks.py answers the POSTs."""
+    raise RuntimeError("The upstream callback receiver was bypassed.")

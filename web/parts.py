@@ -1,0 +1,63 @@
+"""The parts of one running service, built once by the factory (app.py) and found by the routes here.
+
+One object instead of string keys in `app.extensions`: the routes, the error mapping and the
+callback receiver ask `parts()` for what they use. `start` and `stop` are each worker's beginning and end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flask import current_app
+
+from background import Background
+from channels.telegram import TelegramBot
+from config import Settings
+from domain.conversations import Conversations
+from domain.deliveries import Deliveries
+from domain.lifecycle import Lifecycle
+from domain.media import Media
+from nanobanana_client import NanoBananaClient
+from stores.interface import Store
+from web.telemetry import Metrics
+
+
+@dataclass
+class Parts:
+    settings: Settings
+    client: NanoBananaClient
+    store: Store
+    background: Background
+    conversations: Conversations
+    lifecycle: Lifecycle
+    deliveries: Deliveries
+    metrics: Metrics
+    media: Media | None = None
+    telegram: TelegramBot | None = None
+    owns_store: bool = True  # False when a test handed the store in: it closes it itself
+    stopped: bool = field(default=False, init=False)
+
+    def start(self) -> None:
+        """Follow tasks, take over orphaned ones, deliver ended ones, set the bot's webhook: in each worker."""
+        self.lifecycle.start()
+        self.deliveries.start()
+        if self.telegram is not None:
+            self.telegram.start()
+
+    def stop(self) -> None:
+        """Stop all background work (bounded), hand pending tasks over at once, and let go of the store. Once."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.background.stop()
+        self.lifecycle.stop()
+        if self.owns_store:
+            self.store.close()
+
+
+EXTENSION = "nanobanana"
+
+
+def parts() -> Parts:
+    """The parts of the app handling the current request."""
+    return current_app.extensions[EXTENSION]

@@ -1,0 +1,66 @@
+"""How answers are written: a task as JSON, text or a redirect; a conversation's history; plain text."""
+
+from __future__ import annotations
+
+import time
+
+from flask import g, jsonify, make_response, redirect, url_for
+
+from domain.answers import task_answer
+from stores.records import Picture, TaskRecord, TaskState
+
+
+def render_task(record: TaskRecord, elapsed: float):
+    """The answer for a task: 200 with its pictures, 202 while pending, 502 when it failed."""
+    fmt = g.get("response_format", "json")
+    g.task_id = record.task_id
+    status_url = None
+    if record.state == TaskState.PENDING:
+        status_url = url_for("generation.task_status", task_id=record.task_id, _external=True)
+    status, body = task_answer(record, elapsed, status_url)
+    if fmt == "redirect" and status == 200:
+        return redirect(record.image_urls[0], code=302)
+    if fmt == "text":
+        response = text_response(answer_text(body), status)
+    else:
+        response = jsonify(body)
+        response.status_code = status
+    if status_url:
+        response.headers["Location"] = status_url
+    return response
+
+
+def answer_text(body: dict) -> str:
+    """format=text: the picture addresses one per line, or the message."""
+    if body["status"] == "success":
+        return "\n".join(body["image_urls"]) + "\n"
+    return (body.get("message") or body["error"]["message"]) + "\n"
+
+
+def history_body(user_id: str, chain: list[Picture]) -> dict:
+    """A conversation as GET /nanobanana/history/<user_id> shows it: the remembered picture and the chain."""
+    last = chain[-1] if chain else None
+    return {
+        "user_id": user_id,
+        "last_image_url": last.image_url if last else None,
+        "updated_at": iso8601(last.created_at) if last else None,
+        "chain": [
+            {
+                "task_id": picture.task_id,
+                "image_url": picture.image_url,
+                "prompt": picture.prompt,
+                "created_at": iso8601(picture.created_at),
+            }
+            for picture in chain
+        ],
+    }
+
+
+def text_response(text: str, status: int):
+    response = make_response(text, status)
+    response.mimetype = "text/plain"
+    return response
+
+
+def iso8601(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
