@@ -42,9 +42,13 @@ class Conversations:
 
     def forget(self, conversation: str) -> None:
         """Start over: drop the chain, and the lasting copies of its pictures."""
-        dropped = self.store.forget(conversation)
+        self.drop_copies(self.store.forget(conversation))
+
+    def drop_copies(self, pictures: list[Picture]) -> None:
+        """Remove the lasting copies of pictures whose conversation was forgotten or expired (media must not grow
+        forever). An undone picture keeps its copy: from_task may still edit it."""
         if self.media is not None:
-            self.media.delete([picture.image_url for picture in dropped])
+            self.media.delete([picture.image_url for picture in pictures])
 
     def source(self, wanted: GenerationRequest, conversation: str | None, owner: str) -> tuple[Generation, bool]:
         """What to send upstream, and whether it edits an earlier picture of this caller."""

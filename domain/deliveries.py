@@ -82,6 +82,7 @@ class Deliveries:
         self.channels = dict(channels)
         self.on_outcome = on_outcome
         self._wake = threading.Event()
+        self._next_retry = float("inf")  # the soonest retry this process set: the loop looks then, not later
         store.on_notify(lambda task_id: self._wake.set())  # a task ended somewhere: a delivery may be due
 
     def check_target(self, target: str) -> None:
@@ -107,7 +108,13 @@ class Deliveries:
             for record in due:
                 self.background.spawn(self._attempt, record)
             if len(due) < BATCH:
-                self._wake.wait(LOOK_EVERY)
+                self._wake.wait(self._pause(now))
+
+    def _pause(self, now: float) -> float:
+        """Until the next look: LOOK_EVERY, or sooner when a retry set here falls due sooner."""
+        if self._next_retry <= now:
+            self._next_retry = float("inf")
+        return min(LOOK_EVERY, max(0.0, self._next_retry - now))
 
     def _attempt(self, record: TaskRecord) -> None:
         """One attempt; anything but a delivery is retried later, until the delays run out."""
@@ -124,7 +131,10 @@ class Deliveries:
         if delivered:
             self._record(record, DeliveryState.DELIVERED, attempts, None)
         elif attempts <= len(self.retry_delays):
-            self._record(record, DeliveryState.PENDING, attempts, time.time() + self.retry_delays[attempts - 1])
+            retry_at = time.time() + self.retry_delays[attempts - 1]
+            self._record(record, DeliveryState.PENDING, attempts, retry_at)
+            self._next_retry = min(self._next_retry, retry_at)
+            self._wake.set()  # the loop may be asleep for longer than that
         else:
             self._record(record, DeliveryState.FAILED, attempts, None)
 

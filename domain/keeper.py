@@ -15,7 +15,7 @@ from collections.abc import Callable
 from background import Background
 from errors import StoreUnavailable
 from stores.interface import Store
-from stores.records import FOLLOWER_LEASE, TaskRecord
+from stores.records import FOLLOWER_LEASE, Picture, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,15 @@ class Keeper:
         follower_id: str,
         adopt: Callable[[TaskRecord], None],
         background: Background,
+        expired: Callable[[list[Picture]], None] = lambda pictures: None,
         clock: Callable[[], float] = time.time,
     ):
-        """`adopt(record)` starts following a task taken over from a follower that is gone."""
+        """`adopt(record)` starts following a task taken over from a follower that is gone; `expired(pictures)`
+        hears of the pictures of conversations that expired."""
         self.store = store
         self.follower_id = follower_id
         self.adopt = adopt
+        self.expired = expired
         self.background = background
         self.clock = clock
         self._next_purge = 0.0
@@ -59,8 +62,9 @@ class Keeper:
             self.store.heartbeat(self.follower_id, now + FOLLOWER_LEASE)
             self._take_over(now)
             if now >= self._next_purge:
-                self.store.purge(now)
                 self._next_purge = now + PURGE_EVERY
+                if dropped := self.store.purge(now):
+                    self.expired(dropped)
             if self._store_away:
                 log.info("the store is back")
             self._store_away = False

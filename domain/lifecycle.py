@@ -93,7 +93,7 @@ class Lifecycle:
         self.media = media  # where lasting copies of finished pictures go; None: the upstream's addresses stay
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.polls: PollSchedule[Following] = PollSchedule(background, self._ask_when_due, _is_over)
-        self.keeper = Keeper(store, self.follower_id, self._take_over, background)
+        self.keeper = Keeper(store, self.follower_id, self._take_over, background, conversations.drop_copies)
         self._following: dict[str, Following] = {}
         self._lock = threading.Lock()
         store.on_notify(self._woken)

@@ -110,8 +110,8 @@ class Store(Chains, Ledger, Outbox, Followers, WakeUps, Seen, Protocol):
     def ping(self) -> bool:
         """Whether the store answers now."""
 
-    def purge(self, now: float) -> None:
-        """Drop what has outlived its time."""
+    def purge(self, now: float) -> list[Picture]:
+        """Drop what has outlived its time; the pictures of the conversations that expired."""
 
     def close(self) -> None:
         """Let go of connections and threads; the store is not used after this."""

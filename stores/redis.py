@@ -43,7 +43,11 @@ LUA_STATES = {
 # A greenlet holds a connection for one round trip, so a few dozen serve thousands of waiting
 # requests; past the limit a caller waits for a free one (it never fails with "Too many connections").
 MAX_CONNECTIONS = 100
-CONNECTION_WAIT = 5.0  # seconds a caller waits for a free connection before the store counts as away
+CONNECTION_WAIT = 5.0
+# A conversation is ended by purge() up to this long before Redis would expire it (purges come once a minute),
+# so that its pictures are still there to name; at most this many per purge.
+EXPIRE_AHEAD = 120.0
+PURGE_BATCH = 1000  # seconds a caller waits for a free connection before the store counts as away
 
 # KEYS: task, sequence counter, followers, idempotency key (or the task again); ARGV: prefix, task id,
 # follower, first lease's end, keyed ("1"/""), fingerprint, task TTL, key TTL, then the task's fields.
@@ -90,6 +94,7 @@ if task[3] == '$success' and task[4] and task[4] ~= '' and ARGV[5] ~= '' then
         redis.call('HSET', user_key, 'forgotten_before', forgotten_before, 'updated_at', ARGV[4])
         redis.call('EXPIRE', user_key, ARGV[2])
         redis.call('EXPIRE', chain_key, ARGV[2])
+        redis.call('ZADD', ARGV[1] .. 'expiring', ARGV[4] + ARGV[2], task[4])
     end
 end
 return 1
@@ -121,21 +126,36 @@ else
 end
 return 1
 """
-# KEYS: user, chain, sequence counter; ARGV: now, history TTL. Returns the pictures dropped.
+# KEYS: user, chain, sequence counter, expiring; ARGV: now, history TTL, conversation. Returns the pictures dropped.
 _FORGET = """
 local dropped = redis.call('ZRANGE', KEYS[2], 0, -1)
 redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[4], ARGV[3])
 redis.call('HSET', KEYS[1], 'forgotten_before', tonumber(redis.call('GET', KEYS[3])) or 0, 'updated_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return dropped
 """
-# KEYS: user, chain; ARGV: now, history TTL. Returns the picture dropped, or nil.
+# KEYS: user, chain, expiring; ARGV: now, history TTL, conversation. Returns the picture dropped, or nil.
 _UNDO = """
 local last = redis.call('ZPOPMAX', KEYS[2])
 if #last == 0 then return nil end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[1] + ARGV[2], ARGV[3])
 return last[1]
+"""
+# KEYS: expiring (conversations by when they expire); ARGV: prefix, until, limit. Ends the conversations that
+# expire by `until` a little before Redis would, so that their pictures are known; returns those pictures.
+_EXPIRE = """
+local dropped = {}
+for _, conversation in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))) do
+    local chain_key = ARGV[1] .. 'chain:' .. conversation
+    for _, entry in ipairs(redis.call('ZRANGE', chain_key, 0, -1)) do table.insert(dropped, entry) end
+    redis.call('DEL', chain_key, ARGV[1] .. 'user:' .. conversation)
+    redis.call('ZREM', KEYS[1], conversation)
+end
+return dropped
 """
 # KEYS: followers; ARGV: prefix, taker, now, limit. Moves tasks of followers whose lease ran out.
 _TAKE_OVER = """
@@ -182,6 +202,7 @@ class RedisStore:
         self._complete = self._script(_COMPLETE)
         self._forget = self._script(_FORGET)
         self._undo = self._script(_UNDO)
+        self._expire = self._script(_EXPIRE)
         self._take_over = self._script(_TAKE_OVER)
         self._due_deliveries = self._script(_DUE_DELIVERIES)
         self._delivery_attempted = self._script(_DELIVERY_ATTEMPTED)
@@ -200,13 +221,15 @@ class RedisStore:
         return [_picture(entry) for entry in self._call(self.redis.zrange, self._key("chain:", conversation), 0, -1)]
 
     def undo(self, conversation: str) -> Picture | None:
-        keys = [self._key("user:", conversation), self._key("chain:", conversation)]
-        dropped = self._call(self._undo, keys=keys, args=[self.clock(), self.history_ttl])
+        keys = [self._key("user:", conversation), self._key("chain:", conversation), self._key("expiring")]
+        dropped = self._call(self._undo, keys=keys, args=[self.clock(), self.history_ttl, conversation])
         return _picture(dropped) if dropped else None
 
     def forget(self, conversation: str) -> list[Picture]:
         keys = [self._key("user:", conversation), self._key("chain:", conversation), self._key("sequence")]
-        return [_picture(entry) for entry in self._call(self._forget, keys=keys, args=[self.clock(), self.history_ttl])]
+        keys.append(self._key("expiring"))
+        args = [self.clock(), self.history_ttl, conversation]
+        return [_picture(entry) for entry in self._call(self._forget, keys=keys, args=args)]
 
     # -- the ledger ------------------------------------------------------------------------
 
@@ -314,8 +337,10 @@ class RedisStore:
         except StoreUnavailable:
             return False
 
-    def purge(self, now: float) -> None:
-        """Nothing to do: every key carries its own expiry."""
+    def purge(self, now: float) -> list[Picture]:
+        """Every key carries its own expiry; conversations about to expire are ended here, to name their pictures."""
+        args = [self.prefix, now + EXPIRE_AHEAD, PURGE_BATCH]
+        return [_picture(entry) for entry in self._call(self._expire, keys=[self._key("expiring")], args=args)]
 
     def close(self) -> None:
         self._closed.set()

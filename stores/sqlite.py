@@ -340,7 +340,7 @@ class SqliteStore:
             return False
         return True
 
-    def purge(self, now: float) -> None:
+    def purge(self, now: float) -> list[Picture]:
         """Drop what has outlived its time, and the least recently updated users beyond the limit."""
         with self._transaction() as db:
             db.execute(f"DELETE FROM tasks WHERE created_at < ? AND state != '{TaskState.PENDING}'", (now - TASK_TTL,))
@@ -353,12 +353,16 @@ class SqliteStore:
                 "(SELECT conversation FROM history ORDER BY updated_at DESC LIMIT -1 OFFSET ?)",
                 (self.max_users,),
             )
-            db.execute("DELETE FROM pictures WHERE conversation NOT IN (SELECT conversation FROM history)")
+            dropped = db.execute(
+                "DELETE FROM pictures WHERE conversation NOT IN (SELECT conversation FROM history) "
+                "RETURNING task_id, image_url, prompt, created_at, upstream_image_url"
+            ).fetchall()
             db.execute(
                 "DELETE FROM followers WHERE alive_until < ? AND follower NOT IN "
                 f"(SELECT follower FROM tasks WHERE state = '{TaskState.PENDING}')",
                 (now - TASK_TTL,),
             )
+        return [Picture(**row) for row in dropped]
 
     def close(self) -> None:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -12,11 +13,11 @@ import responses
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from app import create_app, stop_background
+from app import create_app, start_background, stop_background
 from config import Settings
-from tests.helpers import SERVED_KEY, emulated_upstream
+from tests.helpers import SERVED_KEY, Served, emulated_upstream
 from tools.emulator import Upstream, create_emulator
-from tools.processes import RedisServer
+from tools.processes import RedisServer, free_port, serving
 
 UPSTREAM = "http://upstream.test"
 KEYS = ("key-one", "key-two")
@@ -104,8 +105,8 @@ def settings() -> Settings:
     return Settings(
         api_keys=KEYS,
         api_base=UPSTREAM,
-        poll_interval=0.05,
-        poll_max_attempts=30,
+        poll_interval=0.01,  # a picture of the emulator, made at once, is answered at the first poll
+        poll_max_attempts=150,
         submit_retry_backoff=0.01,
         database_path=":memory:",
     )
@@ -132,6 +133,26 @@ def make_app(settings, session):
 @pytest.fixture
 def app(make_app):
     return make_app()
+
+
+@pytest.fixture
+def serve_app(make_app, served_upstream):
+    """`serve(public=False, **changes)`: an app served over real HTTP on a port of its own, in this process, with
+    its background work started, against the served emulator: what gunicorn does, without starting a process.
+    `public` makes its own address PUBLIC_BASE_URL (callbacks, and lasting copies the upstream can fetch)."""
+    with ExitStack() as serving_apps:
+
+        def serve(public: bool = False, **changes) -> Served:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            if public:
+                changes["public_base_url"] = url
+            app = make_app(api_keys=(SERVED_KEY,), api_base=served_upstream.url, poll_interval=0.1, **changes)
+            start_background(app)
+            serving_apps.enter_context(serving(app, port))
+            return Served(app, url)
+
+        yield serve
 
 
 @pytest.fixture

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+import requests
+from flask import Flask
 
 from tools.emulator import Upstream, create_emulator
 from tools.processes import serving
@@ -29,3 +33,14 @@ def served_environ(upstream: Upstream, **extra: str) -> dict[str, str]:
         "RATE_LIMIT": "off",
         **extra,
     }
+
+
+@dataclass
+class Served:
+    """An app served in this process (conftest's `serve_app`), reached over real HTTP like a Service."""
+
+    app: Flask
+    url: str
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -101,3 +102,16 @@ def test_the_store_away_is_said_once_and_back_once(store, clock, monkeypatch, ca
     said = [record.getMessage() for record in caplog.records]
     assert len([line for line in said if "unavailable" in line]) == 1
     assert said[-1] == "the store is back"
+
+
+def test_the_pictures_of_expired_conversations_are_handed_on(store, clock):
+    dropped = []
+    keeper = Keeper(store, "a", [].append, Background(), dropped.extend, clock=clock)
+    draft = TaskRecord("t1", "", "alice", "alice", "text-to-image", (), False, clock(), follower="a")
+    record, _ = store.record_task(draft)
+    store.complete_task(replace(record, state="success", image_urls=("https://copies.test/a.png",)))
+    keeper.tick()
+    assert dropped == []
+    clock.now += 3600 + PURGE_EVERY
+    keeper.tick()
+    assert [picture.image_url for picture in dropped] == ["https://copies.test/a.png"]

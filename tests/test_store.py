@@ -409,6 +409,26 @@ def test_image_expires_after_ttl(sqlite_store, clock):
     assert image(sqlite_store) is None
 
 
+def test_purge_names_the_pictures_of_conversations_that_expired(store, clock):
+    new_task(store, "t1", "alice")
+    complete(store, "t1", "success", "https://f.test/alice.png")
+    clock.now += 1800
+    new_task(store, "t2", "bob")
+    complete(store, "t2", "success", "https://f.test/bob.png")
+    clock.now += 1800 + 121  # alice's conversation is past HISTORY_TTL (3600 s here); bob's is not
+    assert [picture.image_url for picture in store.purge(clock.now)] == ["https://f.test/alice.png"]
+    assert store.chain("alice") == [] and [p.image_url for p in store.chain("bob")] == ["https://f.test/bob.png"]
+    assert store.purge(clock.now) == []  # named once
+
+
+def test_a_forgotten_conversation_is_not_named_again_when_it_expires(store, clock):
+    new_task(store, "t1", "alice")
+    complete(store, "t1", "success", "https://f.test/alice.png")
+    assert [picture.image_url for picture in store.forget("alice")] == ["https://f.test/alice.png"]
+    clock.now += 3600 + 121
+    assert store.purge(clock.now) == []
+
+
 def test_least_recently_updated_users_are_dropped_beyond_the_limit(sqlite_store, clock):
     for user in ("a", "b", "c", "d"):
         clock.now += 1

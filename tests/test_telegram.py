@@ -1,5 +1,6 @@
-"""The Telegram bot over real HTTP: updates posted to the service under gunicorn, a fake Bot API that records
-every call (and serves getFile and the file itself), and the emulator as the upstream."""
+"""The Telegram bot over real HTTP: updates posted to the service (served in this process; under gunicorn for
+the restart), a fake Bot API that records every call (and serves getFile and the file itself), and the
+emulator as the upstream."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from flask import Flask, Response, request
 from channels.telegram import CAPTION_LIMIT, HELP, LIMITED, NEEDS_MEDIA
 from tests.helpers import served_environ
 from tools.processes import Service, free_port, serving, wait_until
-
-pytestmark = pytest.mark.slow
 
 TOKEN = "123456:TEST-bot-token-never-to-be-seen"
 SECRET = "telegram-webhook-secret"
@@ -62,27 +61,21 @@ def bot_api():
         yield fake
 
 
-def start(served_upstream, bot_api, log_path, port=None, **extra) -> Service:
-    port = port or free_port()
-    environ = {
-        **served_environ(served_upstream),
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "TELEGRAM_BOT_TOKEN": TOKEN,
-        "TELEGRAM_WEBHOOK_SECRET": SECRET,
-        "TELEGRAM_API_BASE": bot_api.url,
-        "WEBHOOK_RETRY_DELAYS": "0.5,0.5",
-        **extra,
+def bot_settings(bot_api) -> dict:
+    return {
+        "telegram_bot_token": TOKEN,
+        "telegram_webhook_secret": SECRET,
+        "telegram_api_base": bot_api.url,
+        "webhook_retry_delays": (0.5, 0.5),
     }
-    return Service(environ, log_path, port=port).wait_ready()
 
 
-@pytest.fixture(scope="module")
-def service(served_upstream, bot_api, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("telegram")
-    running = start(served_upstream, bot_api, folder / "service.log", MEDIA_STORE="local", MEDIA_DIR=str(folder / "m"))
-    yield running
-    output = running.stop()
-    assert TOKEN not in output and TOKEN.split(":")[1] not in output, "the bot token reached the log"
+@pytest.fixture
+def service(serve_app, bot_api, tmp_path, caplog):
+    served = serve_app(public=True, media_store="local", media_dir=str(tmp_path / "m"), **bot_settings(bot_api))
+    yield served
+    ours = [record.getMessage() for record in caplog.records if record.name != "werkzeug"]  # not the fake Bot API's
+    assert not [line for line in ours if TOKEN.split(":")[1] in line], "the bot token reached the log"
 
 
 def send(service: Service, chat_id: int, text: str | None = None, photo: bool = False, update_id=None, secret=SECRET):
@@ -195,20 +188,32 @@ def test_help_failures_and_long_captions(service, bot_api):
     assert len(photos(bot_api, chat_id, 1)[0]["caption"]) == CAPTION_LIMIT
 
 
-def test_without_a_media_store_photos_are_declined_and_chats_are_rate_limited(served_upstream, bot_api, tmp_path):
-    strict = start(served_upstream, bot_api, tmp_path / "strict.log", RATE_LIMIT="2/minute")
-    try:
-        chat_id = next(chat_ids)
-        send(strict, chat_id, "put a hat on him", photo=True)
-        assert messages(bot_api, chat_id) == [NEEDS_MEDIA]
-        for n in range(3):
-            send(strict, chat_id, f"limited picture {n}")
-        assert LIMITED in messages(bot_api, chat_id, 2)
-        photos(bot_api, chat_id, 2)
-    finally:
-        strict.stop()
+def test_without_a_media_store_photos_are_declined_and_chats_are_rate_limited(serve_app, bot_api):
+    strict = serve_app(public=True, rate_limit="2/minute", **bot_settings(bot_api))
+    chat_id = next(chat_ids)
+    send(strict, chat_id, "put a hat on him", photo=True)
+    assert messages(bot_api, chat_id) == [NEEDS_MEDIA]
+    for n in range(3):
+        send(strict, chat_id, f"limited picture {n}")
+    assert LIMITED in messages(bot_api, chat_id, 2)
+    photos(bot_api, chat_id, 2)
 
 
+def start(served_upstream, bot_api, log_path, port=None, **extra) -> Service:
+    port = port or free_port()
+    environ = {
+        **served_environ(served_upstream),
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "TELEGRAM_BOT_TOKEN": TOKEN,
+        "TELEGRAM_WEBHOOK_SECRET": SECRET,
+        "TELEGRAM_API_BASE": bot_api.url,
+        "WEBHOOK_RETRY_DELAYS": "0.5,0.5",
+        **extra,
+    }
+    return Service(environ, log_path, port=port).wait_ready()
+
+
+@pytest.mark.slow
 def test_a_restart_in_the_middle_of_a_generation_still_sends_the_picture(served_upstream, bot_api, tmp_path):
     environ = {"DATABASE_PATH": str(tmp_path / "db.sqlite3")}
     first = start(served_upstream, bot_api, tmp_path / "first.log", **environ)
@@ -224,7 +229,8 @@ def test_a_restart_in_the_middle_of_a_generation_still_sends_the_picture(served_
         [photo] = photos(bot_api, chat_id, 1, timeout=30)
         assert photo["caption"] == "[delay=3] a slow turtle"
     finally:
-        second.stop()
+        output = second.stop() + (tmp_path / "first.log").read_text()
+    assert TOKEN.split(":")[1] not in output, "the bot token reached the log"
 
 
 def in_the_ledger(database: str, upstream_task_id: str) -> bool:

@@ -17,7 +17,7 @@ from domain.netguard import RefusedTarget, check_target, inside, public_session
 from domain.params import preferred_wait
 from domain.webhooks import event
 from stores.records import TaskRecord
-from tests.helpers import served_environ
+from tests.helpers import Served, served_environ
 from tools.processes import Service, serving, wait_until
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -140,7 +140,7 @@ class Receiver:
         if behaviour == "hold":
             self.release.wait(10)
         if behaviour == "slow" and attempt == 1:
-            time.sleep(3)
+            time.sleep(0.8)
         with self.lock:
             self.deliveries.append({"name": name, "id": request.headers["webhook-id"], "body": body, "at": time.time()})
         if behaviour == "down" or (behaviour == "flaky" and attempt == 1):
@@ -165,28 +165,31 @@ def settings_for(upstream, **extra) -> dict[str, str]:
     return served_environ(upstream, **{**webhooks, "WEBHOOK_TIMEOUT": "2", **extra})
 
 
-@pytest.fixture(scope="module")
-def service(served_upstream, tmp_path_factory):
-    running = Service(settings_for(served_upstream), tmp_path_factory.mktemp("webhooks") / "service.log").wait_ready()
-    yield running
-    running.stop()
+WEBHOOK_SETTINGS = {
+    "webhook_secret": SECRET,
+    "webhook_allow_private": True,
+    "webhook_retry_delays": (0.2, 0.2),
+    "webhook_timeout": 0.5,
+    "rate_limit": None,
+}
 
 
-def start(service: Service, receiver: Receiver, behaviour: str, name: str, prompt: str = "a cat") -> dict:
+@pytest.fixture
+def service(serve_app):
+    return serve_app(**WEBHOOK_SETTINGS)
+
+
+def start(service: Service | Served, receiver: Receiver, behaviour: str, name: str, prompt: str = "a cat") -> dict:
     url = f"{receiver.url}/{behaviour}/{name}"
     answer = service.get("/nanobanana", params={"prompt": prompt, "callback_url": url, "wait": "0"})
     assert answer.status_code == 202
     return answer.json()
 
 
-def webhook_of(service: Service, task_id: str) -> dict:
+def webhook_of(service: Service | Served, task_id: str) -> dict:
     return service.get(f"/nanobanana/tasks/{task_id}").json()["webhook"]
 
 
-slow = pytest.mark.slow
-
-
-@slow
 def test_a_finished_picture_is_pushed_signed(service, receiver):
     task = start(service, receiver, "ok", "success")
     [delivery] = wait_until(lambda: receiver.of("success"), timeout=10)
@@ -197,7 +200,6 @@ def test_a_finished_picture_is_pushed_signed(service, receiver):
     assert wait_until(lambda: webhook_of(service, task["task_id"]) == {"state": "delivered", "attempts": 1})
 
 
-@slow
 def test_a_failed_picture_is_pushed_as_failed(service, receiver):
     start(service, receiver, "ok", "failure", prompt="[fail] a cat")
     [delivery] = wait_until(lambda: receiver.of("failure"), timeout=10)
@@ -205,7 +207,6 @@ def test_a_failed_picture_is_pushed_as_failed(service, receiver):
     assert delivery["body"]["data"]["error"]["code"] == "generation_failed"
 
 
-@slow
 @pytest.mark.parametrize("behaviour", ["flaky", "slow"])
 def test_a_failed_attempt_is_retried_with_the_same_id(service, receiver, behaviour):
     task = start(service, receiver, behaviour, f"retried-{behaviour}")
@@ -214,14 +215,12 @@ def test_a_failed_attempt_is_retried_with_the_same_id(service, receiver, behavio
     assert len(ids) == 1 and ids.pop() == f"msg_{task['task_id']}_success"
 
 
-@slow
 def test_a_webhook_nobody_takes_is_given_up_after_the_last_retry(service, receiver):
     task = start(service, receiver, "down", "never")
     assert wait_until(lambda: webhook_of(service, task["task_id"])["state"] == "failed", timeout=15)
     assert webhook_of(service, task["task_id"])["attempts"] == 3 == receiver.calls["never"]  # one, and two retries
 
 
-@slow
 def test_a_slow_receiver_delays_no_other_delivery(service, receiver):
     receiver.release.clear()
     start(service, receiver, "hold", "held")
@@ -232,7 +231,7 @@ def test_a_slow_receiver_delays_no_other_delivery(service, receiver):
     receiver.release.set()
 
 
-@slow
+@pytest.mark.slow
 def test_a_restart_between_attempts_loses_nothing(served_upstream, receiver, tmp_path):
     environ = settings_for(served_upstream, WEBHOOK_RETRY_DELAYS="2", DATABASE_PATH=str(tmp_path / "db.sqlite3"))
     first = Service(environ, tmp_path / "first.log").wait_ready()
@@ -248,14 +247,8 @@ def test_a_restart_between_attempts_loses_nothing(served_upstream, receiver, tmp
     assert first_attempt["id"] == second_attempt["id"] and second_attempt["body"]["data"]["status"] == "success"
 
 
-@slow
-def test_internal_targets_are_refused_over_http(served_upstream, receiver, tmp_path):
-    strict = Service(
-        {**settings_for(served_upstream), "WEBHOOK_ALLOW_PRIVATE": "0"}, tmp_path / "strict.log"
-    ).wait_ready()
-    try:
-        answer = strict.get("/nanobanana", params={"prompt": "a cat", "callback_url": f"{receiver.url}/ok/strict"})
-        assert answer.status_code == 400 and "private or local" in answer.json()["error"]["message"]
-        assert json.loads(answer.text)["status"] == "error"
-    finally:
-        strict.stop()
+def test_internal_targets_are_refused_over_http(serve_app, receiver):
+    strict = serve_app(**{**WEBHOOK_SETTINGS, "webhook_allow_private": False})
+    answer = strict.get("/nanobanana", params={"prompt": "a cat", "callback_url": f"{receiver.url}/ok/strict"})
+    assert answer.status_code == 400 and "private or local" in answer.json()["error"]["message"]
+    assert json.loads(answer.text)["status"] == "error"

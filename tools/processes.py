@@ -43,9 +43,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve a WSGI app on 127.0.0.1 in a thread; yields its base URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+def serving(app, port: int = 0) -> Iterator[str]:
+    """Serve a WSGI app on 127.0.0.1 (on `port`, or any free one) in a thread; yields its base URL."""
+    server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, args=(SERVE_POLL,), name="serving", daemon=True)
     thread.start()
     try:
@@ -124,7 +124,7 @@ class Service:
             assert self.process.poll() is None, f"gunicorn exited: {self.log_path.read_text()}"
             try:
                 return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still loading (a busy machine)
                 return False
 
         wait_until(ready, timeout=30)

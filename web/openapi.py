@@ -1,23 +1,14 @@
 """The OpenAPI 3 document of the service, served at /openapi.json.
 
-Built from the same constants the parameter checks use, so the two cannot drift apart.
+The generation parameters are built from the table the parser reads (`domain.params.FIELDS`), and the
+limits quoted in descriptions from config, so the document and the checks cannot drift apart.
 The tests validate it, and schemathesis checks the live service against it.
 """
 
 from __future__ import annotations
 
-from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
-from domain.params import (
-    ASPECT_RATIOS,
-    FORMATS,
-    IMAGE_URL_NAMES,
-    MAX_CALLBACK_URL,
-    MAX_IDEMPOTENCY_KEY,
-    MAX_NUM_IMAGES,
-    MAX_USER_ID,
-    MODELS,
-    RESOLUTIONS,
-)
+from config import BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_LINE_LIMIT, size_in_words
+from domain.params import FIELDS, MAX_USER_ID, Field, Kind
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -67,8 +58,8 @@ COMMON_ERRORS = {
     "404": error_response("Unknown path or task"),
     "405": error_response("Wrong method", {"Allow": {"description": "The methods allowed", "schema": STRING}}),
     "408": error_response(f"The request body did not arrive within {BODY_TIMEOUT:g} seconds"),
-    "413": error_response("Request body over 1 MiB"),
-    "414": error_response(f"The request line is over {REQUEST_LINE_LIMIT // 1024} KiB: send long prompts in a POST"),
+    "413": error_response(f"Request body over {size_in_words(MAX_BODY_BYTES)}"),
+    "414": error_response(f"The request line is over {size_in_words(REQUEST_LINE_LIMIT)}: send long prompts in a POST"),
     "431": error_response("A request header is too large"),
     "500": error_response("A bug on our side"),
     "503": error_response("No API key, the upstream or the store is unavailable", RETRY_AFTER),
@@ -92,41 +83,40 @@ TASK_RESPONSES = {
     **{code: response for code, response in COMMON_ERRORS.items() if code != "405"},
 }
 
-GENERATION_FIELDS = {
-    "prompt": {"type": "string", "minLength": 1, "maxLength": 20000, "description": "What to make or how to edit"},
-    "image_url": {
-        "type": "array",
-        "items": {"type": "string", "format": "uri"},
-        "maxItems": 14,
-        "description": "Images to edit or combine; aliases " + ", ".join(IMAGE_URL_NAMES[1:]),
-    },
-    "model": {"type": "string", "enum": list(MODELS), "default": "nano-banana"},
-    "resolution": {"type": "string", "enum": list(RESOLUTIONS), "description": "pro and 2 only"},
-    "user_id": {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID, "description": "aliases user, userId"},
-    "aspect_ratio": {"type": "string", "enum": sorted({r for ratios in ASPECT_RATIOS.values() for r in ratios})},
-    "num_images": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_IMAGES, "default": 1},
-    "reset": {"type": "string", "enum": ["1", "true", "yes", "0", "false", "no"]},
-    "wait": {"type": "number", "minimum": 0, "description": "Seconds to wait; clamped to the polling window"},
-    "format": {"type": "string", "enum": list(FORMATS), "default": "json"},
-    "token": {"type": "string", "description": "The access token, for callers that cannot send headers"},
-    "idempotency_key": {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": MAX_IDEMPOTENCY_KEY,
-        "description": "The same key (with the same parameters) within 24 hours is the same picture, paid once",
-    },
-    "from_task": {
-        "type": "string",
-        "maxLength": 128,
-        "description": "A task of yours whose picture to edit, instead of the remembered one",
-    },
-    "callback_url": {
-        "type": "string",
-        "format": "uri",
-        "maxLength": MAX_CALLBACK_URL,
-        "description": "Where to POST a signed webhook when the task ends (Standard Webhooks); alias webhook_url",
-    },
+KIND_SCHEMAS = {
+    Kind.TEXT: {"type": "string"},
+    Kind.URL: {"type": "string", "format": "uri"},
+    Kind.URL_LIST: {"type": "array", "items": {"type": "string", "format": "uri"}},
+    Kind.WHOLE_NUMBER: {"type": "integer"},
+    Kind.NUMBER: {"type": "number"},
+    Kind.FLAG: {"type": ["boolean", "string"]},  # a JSON body may send true or false; a query or a form, the words
 }
+
+
+def field_schema(field: Field) -> dict:
+    """A generation parameter's schema: its kind's type, with the limits and choices the parser applies."""
+    enum = [True, False, *field.enum] if field.kind is Kind.FLAG else list(field.enum)
+    limits = {
+        "enum": enum,
+        "minLength": field.min_length,
+        "maxLength": field.max_length,
+        "maxItems": field.max_items,
+        "minimum": field.minimum,
+        "maximum": field.maximum,
+        "default": field.default,
+    }
+    stated = {keyword: value for keyword, value in limits.items() if value is not None and value != []}
+    aliases = {"x-aliases": list(field.aliases)} if field.aliases else {}
+    return {**KIND_SCHEMAS[field.kind], **stated, "description": description(field), **aliases}
+
+
+def description(field: Field) -> str:
+    if not field.aliases:
+        return field.help
+    return f"{field.help}; {'alias' if len(field.aliases) == 1 else 'aliases'} {', '.join(field.aliases)}"
+
+
+GENERATION_FIELDS = {field.name: field_schema(field) for field in FIELDS}
 PREFER_HEADER = {
     "name": "Prefer",
     "in": "header",

@@ -7,6 +7,7 @@ import os
 from flask import Blueprint, render_template, request, send_file
 
 from domain.media import CACHE_CONTROL
+from domain.params import page_context
 from errors import NotFound
 from web import openapi, telemetry
 from web.parts import parts
@@ -25,7 +26,7 @@ MEDIA_HEADERS = {
 @bp.get("/", endpoint="home")
 def home():
     """The page to try it: a prompt box, the picture, and this browser's conversation."""
-    return render_template("index.html")
+    return render_template("index.html", **page_context())
 
 
 @bp.get("/media/<name>", endpoint="media")

@@ -51,7 +51,10 @@ class CallbackReceiver:
 
     @staticmethod
     def _json_body(environ):
-        raw = environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
+        declared = environ.get("CONTENT_LENGTH", "")
+        # Never read past the declared length: a server may keep the connection open after it (werkzeug's does).
+        size = min(int(declared), MAX_BODY_BYTES + 1) if declared.isdigit() else MAX_BODY_BYTES + 1
+        raw = environ["wsgi.input"].read(size)
         if len(raw) > MAX_BODY_BYTES:
             raise TooLarge()
         try:
