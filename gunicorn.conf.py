@@ -3,7 +3,7 @@
 One process with gevent (the SQLite store serves one process; with REDIS_URL, WEB_CONCURRENCY
 may be more): a request that waits a minute for its picture holds a greenlet (a few KB), not a
 thread. Measured with `make bench` against threads (gthread), gevent used about half the CPU per
-request and kept the added delay under one poll interval at 1,000 requests in flight; see README.
+request and kept the added delay under one poll interval at 1,000 requests in flight; see docs/benchmark.md.
 
 The worker timeout only watches the worker's heartbeat, so a request inside its wait is never
 killed for being slow, and a restart lets waiting requests finish (graceful_timeout).
@@ -21,7 +21,7 @@ import tempfile
 # mode); a fresh folder per start, so counts of an earlier run never leak in, removed when the service stops.
 # Set before prometheus_client is first imported (by telemetry), which reads it then.
 METRICS_PREFIX = "nanobanana-metrics-"
-MAX_CONNECTIONS = 15_000  # waiting requests and callbacks; README, The benchmark: 10,000 waiting in one process
+MAX_CLIENT_CONNECTIONS = 15_000  # waiting requests and callbacks; docs/benchmark.md: 10,000 waiting in one process
 FILES_KEPT_FREE = 3_000  # for connections to the upstream (its pool keeps up to 1,024), Redis, the database
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
@@ -45,7 +45,7 @@ def connections_per_worker() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return max(1000, min(MAX_CONNECTIONS, hard - FILES_KEPT_FREE))
+    return max(1000, min(MAX_CLIENT_CONNECTIONS, hard - FILES_KEPT_FREE))
 
 
 # No thread name in any log line: asked for in a greenlet, it costs a dummy thread object per request.

@@ -353,7 +353,7 @@ class NanoBananaClient:
         url = self.api_base + path
         try:
             # Straight to the session's transport: no cookies, redirects, hooks or settings to merge, which
-            # made up most of the CPU of a call through Session.request (README, The benchmark).
+            # made up most of the CPU of a call through Session.request (docs/benchmark.md).
             prepared = requests.Request(method, url, headers=headers, **kwargs).prepare()
             response = self.session.get_adapter(url).send(prepared, timeout=timeout)
         except requests.RequestException as error:

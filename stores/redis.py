@@ -42,7 +42,7 @@ LUA_STATES = {
 }
 # A greenlet holds a connection for one round trip, so a few dozen serve thousands of waiting
 # requests; past the limit a caller waits for a free one (it never fails with "Too many connections").
-MAX_CONNECTIONS = 100
+POOL_SIZE = 100
 CONNECTION_WAIT = 5.0
 # A conversation is ended by purge() up to this long before Redis would expire it (purges come once a minute),
 # so that its pictures are still there to name; at most this many per purge.
@@ -189,7 +189,7 @@ class RedisStore:
         self.clock = clock
         self.pool = redis.BlockingConnectionPool.from_url(
             url,
-            max_connections=MAX_CONNECTIONS,
+            max_connections=POOL_SIZE,
             timeout=CONNECTION_WAIT,
             decode_responses=True,
             socket_connect_timeout=2,

@@ -4,7 +4,9 @@ model's limits and every alias hold; and the try-it page offers what the checks 
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given
@@ -15,6 +17,8 @@ from domain.params import (
     ACCEPTED_NAMES,
     DEFAULT_MODEL,
     FIELDS,
+    MAX_NUM_IMAGES,
+    MAX_USER_ID,
     MODEL_TABLE,
     MODELS,
     RESOLUTION_MODELS,
@@ -173,3 +177,28 @@ def test_the_page_offers_every_model_with_the_default_chosen(app):
     assert [option["value"] for option in page.options] == list(MODELS)
     assert [option["value"] for option in page.options if "selected" in option] == [DEFAULT_MODEL]
     assert parse_generation({"prompt": ["a cat"]}, polling_window=60).generation.model == DEFAULT_MODEL
+
+
+# -- the documentation's table of parameters (docs/api.md) ---------------------------------------------------------
+
+
+def documented_parameters() -> dict[str, str]:
+    """The rows of docs/api.md's table of generation parameters: name -> the rest of its row."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \|(.*)$", text, flags=re.MULTILINE)
+    return {name: rest for name, rest in rows if name in ACCEPTED_NAMES}
+
+
+def test_the_documentation_lists_every_parameter_with_its_aliases():
+    rows = documented_parameters()
+    assert set(rows) == {field.name for field in FIELDS}
+    for field in FIELDS:
+        aliases_cell = rows[field.name].split("|")[0]
+        assert set(re.findall(r"`(\w+)`", aliases_cell)) == set(field.aliases), field.name
+
+
+def test_the_documentation_quotes_the_limits_of_every_model():
+    rows = documented_parameters()
+    for model in MODEL_TABLE.values():
+        assert str(model.max_prompt) in rows["prompt"] and str(model.max_images) in rows["image_url"], model.name
+    assert str(MAX_USER_ID) in rows["user_id"] and str(MAX_NUM_IMAGES) in rows["num_images"]

@@ -3,6 +3,7 @@ thread, redis-server, and the service under gunicorn exactly as the Procfile run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -127,7 +128,11 @@ class Service:
             except requests.RequestException:  # not listening yet, or still loading (a busy machine)
                 return False
 
-        wait_until(ready, timeout=30)
+        try:
+            wait_until(ready, timeout=30)
+        except BaseException:
+            self.kill()  # a service that never came up must not outlive the test that started it
+            raise
         return self
 
     def get(self, path: str, **kwargs) -> requests.Response:
@@ -144,7 +149,8 @@ class Service:
 
     def kill(self) -> None:
         """A crash: SIGKILL to gunicorn and its workers at once, so nothing gets to clean up."""
-        for process in [psutil.Process(self.process.pid), *self.workers()]:
-            process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may have exited already
+            for process in [psutil.Process(self.process.pid), *self.workers()]:
+                process.kill()
         self.process.wait(timeout=30)
         self.log.close()

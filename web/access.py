@@ -38,7 +38,7 @@ class SweptMemoryStorage(MemoryStorage):
     """limits' in-process counters, swept for expired ones once a second instead of 10 ms after every hit.
 
     Each sweep visits every counter: with 10,000 users in a minute, sweeping after every hit cost
-    0.5 ms of CPU per request (README, The benchmark). A counter is also expired when it is read,
+    0.5 ms of CPU per request (docs/benchmark.md). A counter is also expired when it is read,
     so the sweep only frees memory, and once a second is often enough.
     """
 

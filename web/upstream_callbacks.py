@@ -2,7 +2,7 @@
 
 The upstream calls back once per task, and when many tasks end together, many at once. Through
 Flask's request machinery a callback cost as much CPU as a submission, so a queue built up behind
-a burst (README, The benchmark); here it costs a fraction. The rules stay those of every route:
+a burst (docs/benchmark.md); here it costs a fraction. The rules stay those of every route:
 the app's one error mapping, its error body, X-Request-ID, the request log line and metrics.
 What a callback means is the lifecycle's business (`Lifecycle.receive_callback`).
 """
