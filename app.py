@@ -14,6 +14,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from background import Background
+from channels.telegram import SCHEME as TELEGRAM
 from channels.telegram import BotApi, TelegramBot
 from config import MAX_BODY_BYTES, Settings, load_settings
 from domain.conversations import Conversations
@@ -72,7 +73,7 @@ def create_app(
             parts.background,
             parts.media,
         )
-        parts.deliveries.channels["telegram"] = parts.telegram
+        parts.deliveries.channels[TELEGRAM] = parts.telegram
     app.register_error_handler(Exception, handle_error)
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
@@ -86,7 +87,7 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
     store = store or open_store(settings)
     background = Background()
     media = open_media(settings, media_session)
-    conversations = Conversations(store, media)
+    conversations = Conversations(store, media, background)
     channels: dict[str, Channel] = {}
     if settings.webhook_secret:
         webhooks = WebhookChannel(settings, webhook_session)

@@ -1,4 +1,5 @@
-"""Background work with an owner: every thread the service starts is started, named, tracked and stopped here.
+"""Background work with an owner: every thread the service's parts start is started, named, tracked and stopped
+here (the Redis store's subscriber is the store's own, and ends when the store is closed).
 
 Under gunicorn's gevent worker the standard library is patched, so each "thread" is a greenlet. Two kinds:
 - loops (`loop`): a few long-lived threads (the keeper, the poll schedule, the outbox), each running
@@ -27,12 +28,12 @@ class Background:
         self._loops: list[threading.Thread] = []
         self._wakes: list[Callable[[], None]] = []
         self._running = 0
-        self._idle = threading.Condition()
+        self._idle = threading.Condition(threading.Lock())  # a plain lock: cheaper per spawn than an RLock
 
     def loop(self, name: str, body: Callable[[], None], wake: Callable[[], None] | None = None) -> None:
-        """Run `body` in a thread called `name`; it must return once `stopping` is set. None starts after stop().
+        """Run `body` in a thread called `name`; it must return once `stopping` is set. None starts after stop.
 
-        A loop that sleeps on an event of its own passes `wake`, which sets that event, so stop() ends its sleep.
+        A loop that sleeps on an event of its own passes `wake`, which sets that event, so stopping ends its sleep.
         """
         with self._idle:
             if self.stopping.is_set():
@@ -44,19 +45,31 @@ class Background:
                 self._wakes.append(wake)
 
     def spawn(self, work: Callable, *args) -> None:
-        """Run `work(*args)` apart from the caller; a failure is logged, never lost in silence."""
+        """Run `work(*args)` apart from the caller; a failure is logged, never lost in silence. None after stop."""
         with self._idle:
+            if self.stopping.is_set():
+                return
             self._running += 1
         _thread.start_new_thread(self._counted, (work, args))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask everything to stop, then wait up to `timeout` seconds in all for it to finish."""
-        self.stopping.set()
+        self.begin_stop()
+        self.wait(timeout)
+
+    def begin_stop(self) -> None:
+        """Ask everything to stop: no new work starts, and sleeping loops wake up to end."""
         with self._idle:
-            loops, wakes = list(self._loops), list(self._wakes)
+            self.stopping.set()
+            wakes = list(self._wakes)
         for wake in wakes:
             wake()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds in all for the loops and the short work under way to end."""
         deadline = time.monotonic() + timeout
+        with self._idle:
+            loops = list(self._loops)
         for thread in loops:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._idle:

@@ -56,6 +56,11 @@ NEEDS_CAPTION = "Please send the photo again with a caption that says how to cha
 LIMITED = "That is a lot of pictures in a short time. Please wait a minute, then try again."
 
 
+class NotFromTelegram(Unauthorized):
+    message = "This address takes updates only from Telegram."
+    headers: dict[str, str] = {}  # no token scheme to offer: Telegram sends its secret in a header of its own
+
+
 class TelegramError(Exception):
     """A Bot API call failed. The message never holds the bot token."""
 
@@ -145,14 +150,15 @@ class TelegramBot:
 
     # -- updates -------------------------------------------------------------------------------
 
-    def take_update(self, secret: str, update: Any) -> None:
-        """An update posted to us: only with the secret Telegram was given, and each only once.
-
-        It is handled in the background: Telegram wants its answer at once.
-        """
+    def check_secret(self, secret: str) -> None:
+        """Updates come only with the secret Telegram was given (compared in constant time)."""
         expected = self.settings.telegram_webhook_secret.encode()
         if not hmac.compare_digest(secret.encode("utf-8", "surrogateescape"), expected):
-            raise Unauthorized("This address takes updates only from Telegram.")
+            raise NotFromTelegram()
+
+    def take_update(self, update: Any) -> None:
+        """An update posted to us, with the right secret: each is handled once, in the background (Telegram
+        wants its answer at once)."""
         if not isinstance(update, dict) or not isinstance(update.get("update_id"), int):
             raise InvalidRequest("A Telegram update is a JSON object with an update_id.")
         if self.seen.first_time(f"telegram-update:{update['update_id']}", UPDATES_REMEMBERED):
@@ -258,7 +264,7 @@ class TelegramBot:
     def deliver(self, record: TaskRecord) -> bool:
         """Send the ended task to its chat, in reply to the message that asked: the picture, or why not."""
         chat_id, message_id = (int(part) for part in record.deliver_to.removeprefix(f"{SCHEME}:").split(":"))
-        reply = {"message_id": message_id, "allow_sending_without_reply": True}
+        reply = reply_to(message_id)
         try:
             if record.state == TaskState.SUCCESS:
                 caption = (record.prompt or "")[:CAPTION_LIMIT]
@@ -276,8 +282,7 @@ class TelegramBot:
     # -- small helpers -------------------------------------------------------------------------
 
     def _say(self, chat_id: int, message_id: int, text: str) -> None:
-        reply = {"message_id": message_id, "allow_sending_without_reply": True}
-        self.api.call("sendMessage", chat_id=chat_id, text=text, reply_parameters=reply)
+        self.api.call("sendMessage", chat_id=chat_id, text=text, reply_parameters=reply_to(message_id))
 
     @staticmethod
     def _conversation(chat_id: int) -> str:
@@ -287,3 +292,8 @@ class TelegramBot:
 def chat_user(chat_id: int) -> str:
     """The user id of a chat's conversation."""
     return f"telegram:{chat_id}"
+
+
+def reply_to(message_id: int) -> dict:
+    """Bot API reply parameters: in reply to the message that asked, or on its own if it was deleted."""
+    return {"message_id": message_id, "allow_sending_without_reply": True}

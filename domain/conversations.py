@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from background import Background
 from domain.media import Media
 from domain.params import GenerationRequest
 from errors import UnknownSourceTask
@@ -25,9 +26,12 @@ def conversation_key(owner: str, user_id: str | None) -> str | None:
 
 
 class Conversations:
-    def __init__(self, store: Store, media: Media | None = None):
+    def __init__(self, store: Store, media: Media | None = None, background: Background | None = None):
+        """Copies are removed as background work when `background` is given (a request need not wait for a
+        bucket), else at once."""
         self.store = store
         self.media = media  # where lasting copies of pictures live; None: the upstream's addresses
+        self.background = background
 
     def chain(self, conversation: str) -> list[Picture]:
         """The pictures, oldest first; the last one is remembered."""
@@ -40,15 +44,21 @@ class Conversations:
         """Step back: the last picture leaves the chain (its copy stays, for from_task); None if there is none."""
         return self.store.undo(conversation)
 
-    def forget(self, conversation: str) -> None:
-        """Start over: drop the chain, and the lasting copies of its pictures."""
-        self.drop_copies(self.store.forget(conversation))
+    def forget(self, conversation: str, spare: tuple[str, ...] = ()) -> None:
+        """Start over: drop the chain, and the lasting copies of its pictures but those in `spare` (the picture a
+        reset=1 request is about to edit)."""
+        self.drop_copies([picture for picture in self.store.forget(conversation) if picture.image_url not in spare])
 
     def drop_copies(self, pictures: list[Picture]) -> None:
         """Remove the lasting copies of pictures whose conversation was forgotten or expired (media must not grow
         forever). An undone picture keeps its copy: from_task may still edit it."""
-        if self.media is not None:
-            self.media.delete([picture.image_url for picture in pictures])
+        if self.media is None or not pictures:
+            return
+        urls = [picture.image_url for picture in pictures]
+        if self.background is None:
+            self.media.delete(urls)
+        else:
+            self.background.spawn(self.media.delete, urls)
 
     def source(self, wanted: GenerationRequest, conversation: str | None, owner: str) -> tuple[Generation, bool]:
         """What to send upstream, and whether it edits an earlier picture of this caller."""

@@ -20,7 +20,7 @@ from typing import Protocol
 from background import Background
 from config import Settings
 from errors import InvalidRequest, StoreUnavailable
-from stores.interface import Outbox, WakeUps
+from stores.interface import Store
 from stores.records import DeliveryState, TaskRecord
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Deliveries:
     def __init__(
         self,
         settings: Settings,
-        store: Outbox | WakeUps,
+        store: Store,
         background: Background,
         channels: Mapping[str, Channel],
         on_outcome: Callable[[str], None] | None = None,
@@ -98,8 +98,10 @@ class Deliveries:
 
     def _run(self) -> None:
         lease = max((channel.attempt_time for channel in self.channels.values()), default=0.0) + LEASE_MARGIN
-        while not self.background.stopping.is_set():
+        while True:
             self._wake.clear()
+            if self.background.stopping.is_set():  # checked after clear(): a wake to stop is never lost
+                return
             now = time.time()
             try:
                 due = self.store.due_deliveries(now, now + lease, BATCH)

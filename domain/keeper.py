@@ -62,8 +62,9 @@ class Keeper:
             self.store.heartbeat(self.follower_id, now + FOLLOWER_LEASE)
             self._take_over(now)
             if now >= self._next_purge:
+                dropped = self.store.purge(now)
                 self._next_purge = now + PURGE_EVERY
-                if dropped := self.store.purge(now):
+                if dropped:
                     self.expired(dropped)
             if self._store_away:
                 log.info("the store is back")

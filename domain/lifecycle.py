@@ -104,13 +104,15 @@ class Lifecycle:
         """Renew this process's lease and take over orphaned tasks, now and every second, until stop()."""
         self.keeper.start()
 
-    def stop(self) -> None:
-        """Stop following (background.stopping is set by now); the lease ends at once, so another process
-        takes the pending tasks over. Whoever still waits gets the task as it stands."""
+    def answer_waiters(self) -> None:
+        """Stopping (background.stopping is set): whoever still waits gets the task as it stands."""
         with self._lock:
             followed = list(self._following.values())
         for following in followed:
             following.ended.set()
+
+    def retire(self) -> None:
+        """Stopped: the lease ends at once, so another process takes the pending tasks over."""
         self.keeper.retire()
 
     # -- a generation request --------------------------------------------------------------
@@ -130,9 +132,10 @@ class Lifecycle:
         if earlier is not None:
             return self._await(earlier, deadline)
         conversation = conversation_key(owner, wanted.user_id)
+        remembered = None if wanted.reset else conversation  # reset: the remembered picture is not edited
+        generation, used_previous = self.conversations.source(wanted, remembered, owner)
         if wanted.reset and conversation:
-            self.conversations.forget(conversation)
-        generation, used_previous = self.conversations.source(wanted, conversation, owner)
+            self.conversations.forget(conversation, spare=generation.image_urls)
         record, new = self.store.record_task(
             self._new_record(generation, used_previous, owner, conversation, wanted, deliver_to), key
         )

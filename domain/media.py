@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 MAX_BYTES = 30 * 1024 * 1024
 FETCH_TIMEOUT = (5.0, 15.0)  # connect, and each read
 FETCH_DEADLINE = 60.0  # for the whole picture
-CACHE_CONTROL = "public, max-age=31536000, immutable"  # a name is never reused for another picture
+MAX_AGE = 365 * 24 * 3600  # a copy may be cached for a year: a name is never reused for another picture
+CACHE_CONTROL = f"public, max-age={MAX_AGE}, immutable"
 EXTENSIONS = {
     "image/png": ".png",
     "image/jpeg": ".jpg",

@@ -68,8 +68,10 @@ class PollSchedule(Generic[Item]):
         return len(self._heap)
 
     def _run(self) -> None:
-        while not self.background.stopping.is_set():
+        while True:
             self._changed.clear()
+            if self.background.stopping.is_set():  # checked after clear(): a wake to stop is never lost
+                return
             due, pause = self.due(self.clock())
             for item in due:
                 self.background.spawn(self.ask, item)

@@ -121,7 +121,6 @@ def task_fields(record: TaskRecord) -> dict[str, Any]:
 def task_record(values: Mapping[str, Any]) -> TaskRecord:
     """The record back from column values (Redis gives strings, and "" for None)."""
     decoded: dict[str, Any] = {}
-    values = {"deliver_to": values.get("callback_url"), **values}  # its name until schema 5; kept for a day
     for name in TASK_FIELDS:
         value = values.get(name)
         if value is None or value == "":

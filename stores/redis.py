@@ -43,11 +43,11 @@ LUA_STATES = {
 # A greenlet holds a connection for one round trip, so a few dozen serve thousands of waiting
 # requests; past the limit a caller waits for a free one (it never fails with "Too many connections").
 POOL_SIZE = 100
-CONNECTION_WAIT = 5.0
-# A conversation is ended by purge() up to this long before Redis would expire it (purges come once a minute),
-# so that its pictures are still there to name; at most this many per purge.
+CONNECTION_WAIT = 5.0  # seconds a caller waits for a free connection before the store counts as away
+# A conversation is ended by purge() up to this long (and at most a tenth of HISTORY_TTL) before Redis would
+# expire it, so that its pictures are still there to name: purges come once a minute.
 EXPIRE_AHEAD = 120.0
-PURGE_BATCH = 1000  # seconds a caller waits for a free connection before the store counts as away
+PURGE_BATCH = 10_000  # conversations ended by one purge
 
 # KEYS: task, sequence counter, followers, idempotency key (or the task again); ARGV: prefix, task id,
 # follower, first lease's end, keyed ("1"/""), fingerprint, task TTL, key TTL, then the task's fields.
@@ -267,7 +267,7 @@ class RedisStore:
         if not fields:
             ours = self._call(self.redis.get, self._key("upstream:", task_id))
             fields = self._call(self.redis.hgetall, self._key("task:", ours)) if ours else {}
-        return task_record(fields) if fields else None
+        return _task_record(fields) if fields else None
 
     def submitted(self, task_id: str, upstream_task_id: str, key_id: str, submitted_at: float) -> None:
         keys = [self._key("task:", task_id), self._key("upstream:", upstream_task_id)]
@@ -339,7 +339,7 @@ class RedisStore:
 
     def purge(self, now: float) -> list[Picture]:
         """Every key carries its own expiry; conversations about to expire are ended here, to name their pictures."""
-        args = [self.prefix, now + EXPIRE_AHEAD, PURGE_BATCH]
+        args = [self.prefix, now + min(EXPIRE_AHEAD, self.history_ttl / 10), PURGE_BATCH]
         return [_picture(entry) for entry in self._call(self._expire, keys=[self._key("expiring")], args=args)]
 
     def close(self) -> None:
@@ -375,7 +375,7 @@ class RedisStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for task_id in task_ids:
                 pipe.hgetall(self._key("task:", task_id))
-            return [task_record(fields) for fields in self._call(pipe.execute) if fields]
+            return [_task_record(fields) for fields in self._call(pipe.execute) if fields]
 
     def _script(self, lua: str):
         """A Lua script with the states written in ($pending, ...), registered with Redis."""
@@ -390,6 +390,14 @@ class RedisStore:
             return function(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise StoreUnavailable(str(error)) from None
+
+
+def _task_record(fields: dict) -> TaskRecord:
+    """A task's hash as a record. Until schema 5 its target was `callback_url`: tasks recorded before the
+    upgrade (kept a day) still go where they asked; this line can go a day after every instance upgraded."""
+    if "callback_url" in fields:
+        fields = {"deliver_to": fields["callback_url"], **fields}
+    return task_record(fields)
 
 
 def _picture(entry: str) -> Picture:

@@ -444,3 +444,5 @@ def _unavailable_on_error() -> Iterator[None]:
         yield
     except sqlite3.OperationalError as error:  # locked past the busy time-out, disk full, file gone
         raise StoreUnavailable(str(error)) from None
+    except sqlite3.ProgrammingError as error:  # closed while the worker stops: work still under way gives up
+        raise StoreUnavailable(str(error)) from None

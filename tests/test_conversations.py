@@ -87,3 +87,11 @@ def test_forget_drops_the_chain_and_its_lasting_copies(store):
     conversations.forget("alice")
     assert conversations.chain("alice") == [] and conversations.last("bob") is not None
     assert copies.deleted == ["https://copies.test/a.png", "https://copies.test/b.png"]
+
+
+def test_forget_spares_the_picture_a_reset_is_about_to_edit(store):
+    copies = Copies()
+    finished(store, "t1", "", "alice", "https://copies.test/a.png")
+    finished(store, "t2", "", "alice", "https://copies.test/b.png")
+    Conversations(store, copies).forget("alice", spare=("https://copies.test/a.png",))
+    assert copies.deleted == ["https://copies.test/b.png"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 
 from app import start_background, stop_background
+from domain.params import parse_generation
 from tests.helpers import emulated_upstream
 from tools.processes import wait_until
 
@@ -114,3 +116,17 @@ def test_a_stopped_process_hands_its_pending_tasks_over_at_once(make_app, emulat
     client = staying.test_client()
     done = wait_until(lambda: (r := client.get("/nanobanana/history/handed")).json["last_image_url"] and r)
     assert done.json["last_image_url"] == emulated.tasks[pending["upstream_task_id"]].image_urls[0]
+
+
+def test_stopping_answers_whoever_waits_with_the_task_as_it_stands(make_app, emulated, caplog):
+    """Like a chat's generation, which waits inside background work: stopping answers it before it waits for it."""
+    app = make_app(poll_max_attempts=10_000)  # a window of 100 s: only the stop can end this wait
+    start_background(app)
+    parts, answers = app.extensions["nanobanana"], []
+    wanted = parse_generation({"prompt": ["[delay=60] a cat"]}, parts.settings.polling_window)
+    parts.background.spawn(lambda: answers.append(parts.lifecycle.generate(wanted)))
+    wait_until(lambda: emulated.submissions())
+    with caplog.at_level(logging.INFO, logger="background"):
+        stop_background(app)  # as gunicorn's worker_exit does
+    assert [answer.state for answer in answers] == ["pending"]
+    assert "still under way" not in caplog.text  # answered first, so the stop did not wait its time out for it

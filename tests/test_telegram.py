@@ -118,6 +118,7 @@ def test_an_update_without_the_secret_is_401_and_nothing_happens(service, bot_ap
     chat_id = next(chat_ids)
     answer, _ = send(service, chat_id, "a forged cat", secret=secret)
     assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized"
+    assert "WWW-Authenticate" not in answer.headers  # no token would help: only Telegram knows the secret
     answer, _ = send(service, chat_id, "/help")  # a genuine update after it is handled: the forged one was not
     messages(bot_api, chat_id)
     assert bot_api.to_chat(chat_id, "sendChatAction") == []

@@ -17,7 +17,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -281,7 +280,8 @@ def main() -> None:
     parser.add_argument("--poll-max-attempts", type=int, default=30)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from {', '.join(CONFIGS)}")
     args = parser.parse_args()
-    log_dir = Path(tempfile.mkdtemp(prefix="nanobanana-bench-"))
+    log_dir = ROOT / "data" / "bench" / time.strftime("%Y%m%d-%H%M%S")  # beside the service's data, not in /tmp
+    log_dir.mkdir(parents=True)
     all_figures = []
     for name in args.configs.split(","):
         overrides = " ".join(f"{k}={v}" for k, v in CONFIGS[name].env.items())

@@ -17,6 +17,6 @@ def telegram_webhook():
     bot = parts().telegram
     if bot is None:
         raise NotFound("This service runs no Telegram bot.")
-    secret = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
-    bot.take_update(secret, request.get_json(silent=True))
+    bot.check_secret(request.headers.get("X-Telegram-Bot-Api-Secret-Token", ""))
+    bot.take_update(request.get_json(silent=True))
     return {"ok": True}

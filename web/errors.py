@@ -40,6 +40,16 @@ HTTP_ERRORS = {
 UPSTREAM_STATUSES = ((UpstreamRejected, 400), (UpstreamUnavailable, 503), (NanoBananaError, 502))
 
 
+def error_codes() -> list[str]:
+    """Every `error.code` an error answer may carry: the service's kinds, the upstream client's, and HTTP's."""
+    kinds = [*_kinds_of(ServiceError), *_kinds_of(NanoBananaError)]
+    return sorted({kind.code for kind in kinds} | {code for code, _ in HTTP_ERRORS.values()})
+
+
+def _kinds_of(root: type) -> list[type]:
+    return [root, *(kind for sub in root.__subclasses__() for kind in _kinds_of(sub))]
+
+
 def handle_error(error: Exception):
     """Flask's error handler: the answer for any exception, in the format the caller asked for."""
     failure = to_service_error(error)

@@ -8,7 +8,7 @@ from flask import Blueprint, g, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from domain.params import parse_format, parse_generation
-from errors import UnknownTask
+from errors import ServiceError, UnknownTask
 from web.inputs import request_values
 from web.parts import parts
 from web.render import render_task
@@ -48,4 +48,4 @@ def task_status(task_id: str):
 @bp.post("/nanobanana/callback")
 def upstream_callback():
     """In the route map for OpenAPI and for 405 on other methods; web/upstream_callbacks.py answers the POSTs."""
-    raise RuntimeError("The upstream callback receiver was bypassed.")
+    raise ServiceError("The callback receiver was bypassed.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from config import BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_LINE_LIMIT, size_in_words
 from domain.params import FIELDS, MAX_USER_ID, Field, Kind
+from stores.records import DeliveryState
+from web.errors import error_codes
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -42,7 +44,7 @@ WEBHOOK = {
     "description": "With a callback_url: how its webhook is doing",
     "required": ["state", "attempts"],
     "properties": {
-        "state": {"enum": ["pending", "delivered", "failed"]},
+        "state": {"enum": list(DeliveryState)},
         "attempts": {"type": "integer", "minimum": 0},
     },
 }
@@ -235,24 +237,7 @@ SCHEMAS = {
                 "type": "object",
                 "required": ["code", "message"],
                 "properties": {
-                    "code": {
-                        "enum": [
-                            "invalid_request",
-                            "unauthorized",
-                            "not_found",
-                            "method_not_allowed",
-                            "too_large",
-                            "rate_limited",
-                            "internal_error",
-                            "upstream_error",
-                            "not_configured",
-                            "upstream_unavailable",
-                            "store_unavailable",
-                            "idempotency_conflict",
-                            "request_timeout",
-                            "nothing_to_undo",
-                        ]
-                    },
+                    "code": {"enum": error_codes()},
                     "message": STRING,
                 },
             },

@@ -6,7 +6,7 @@ import os
 
 from flask import Blueprint, render_template, request, send_file
 
-from domain.media import CACHE_CONTROL
+from domain.media import CACHE_CONTROL, MAX_AGE
 from domain.params import page_context
 from errors import NotFound
 from web import openapi, telemetry
@@ -14,7 +14,6 @@ from web.parts import parts
 
 bp = Blueprint("ops", __name__)
 
-MEDIA_MAX_AGE = 365 * 24 * 3600
 # A copy came from elsewhere: an SVG must not run anything in this origin.
 MEDIA_HEADERS = {
     "Cache-Control": CACHE_CONTROL,
@@ -36,7 +35,7 @@ def media_file(name: str):
     path = media.path(name) if media is not None else None
     if path is None or not os.path.isfile(path):
         raise NotFound("There is no picture at this address.")
-    response = send_file(path, max_age=MEDIA_MAX_AGE, conditional=True)
+    response = send_file(path, max_age=MAX_AGE, conditional=True)
     response.headers.update(MEDIA_HEADERS)
     return response
 

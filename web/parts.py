@@ -49,13 +49,16 @@ class Parts:
         if self.stopped:
             return
         self.stopped = True
-        self.background.stop()
-        self.lifecycle.stop()
+        self.background.begin_stop()
+        self.lifecycle.answer_waiters()  # before waiting: a chat's generation waits in the background too
+        self.background.wait(STOP_TIMEOUT)
+        self.lifecycle.retire()  # after the keeper has stopped, so no heartbeat renews the lease again
         if self.owns_store:
             self.store.close()
 
 
 EXTENSION = "nanobanana"
+STOP_TIMEOUT = 5.0  # seconds background work gets to finish when a worker stops
 
 
 def parts() -> Parts:
