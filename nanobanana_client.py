@@ -19,11 +19,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
-from config import Settings
+from config import DEFAULTS, Settings
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = Settings()
 
 MODEL_PATHS = {
     "nano-banana": "/api/v1/nanobanana/generate",

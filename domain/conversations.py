@@ -27,8 +27,7 @@ def conversation_key(owner: str, user_id: str | None) -> str | None:
 
 class Conversations:
     def __init__(self, store: Store, media: Media | None = None, background: Background | None = None):
-        """Copies are removed as background work when `background` is given (a request need not wait for a
-        bucket), else at once."""
+        """Copies that nobody waits for go as background work, when `background` is given."""
         self.store = store
         self.media = media  # where lasting copies of pictures live; None: the upstream's addresses
         self.background = background
@@ -44,18 +43,20 @@ class Conversations:
         """Step back: the last picture leaves the chain (its copy stays, for from_task); None if there is none."""
         return self.store.undo(conversation)
 
-    def forget(self, conversation: str, spare: tuple[str, ...] = ()) -> None:
+    def forget(self, conversation: str, spare: tuple[str, ...] = (), wait: bool = True) -> None:
         """Start over: drop the chain, and the lasting copies of its pictures but those in `spare` (the picture a
-        reset=1 request is about to edit)."""
-        self.drop_copies([picture for picture in self.store.forget(conversation) if picture.image_url not in spare])
+        reset=1 request is about to edit). With `wait`, the copies are gone when this returns."""
+        dropped = [picture for picture in self.store.forget(conversation) if picture.image_url not in spare]
+        self.drop_copies(dropped, wait)
 
-    def drop_copies(self, pictures: list[Picture]) -> None:
+    def drop_copies(self, pictures: list[Picture], wait: bool = False) -> None:
         """Remove the lasting copies of pictures whose conversation was forgotten or expired (media must not grow
-        forever). An undone picture keeps its copy: from_task may still edit it."""
+        forever), in the background unless asked to wait. An undone picture keeps its copy: from_task may still
+        edit it."""
         if self.media is None or not pictures:
             return
         urls = [picture.image_url for picture in pictures]
-        if self.background is None:
+        if wait or self.background is None:
             self.media.delete(urls)
         else:
             self.background.spawn(self.media.delete, urls)

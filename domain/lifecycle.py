@@ -134,8 +134,8 @@ class Lifecycle:
         conversation = conversation_key(owner, wanted.user_id)
         remembered = None if wanted.reset else conversation  # reset: the remembered picture is not edited
         generation, used_previous = self.conversations.source(wanted, remembered, owner)
-        if wanted.reset and conversation:
-            self.conversations.forget(conversation, spare=generation.image_urls)
+        if wanted.reset and conversation:  # the copies go in the background: the caller waits for its picture
+            self.conversations.forget(conversation, spare=generation.image_urls, wait=False)
         record, new = self.store.record_task(
             self._new_record(generation, used_previous, owner, conversation, wanted, deliver_to), key
         )
