@@ -1,0 +1,1 @@
+"""Chat front-ends over the same lifecycle: Telegram (Discord and Slack next)."""

@@ -1,0 +1,1 @@
+"""A generation's life apart from HTTP: parameters, lifecycle, schedule, conversations, deliveries, media."""

@@ -54,12 +54,10 @@ def scheme(target: str) -> str:
     return target.split(":", 1)[0].lower()
 
 
-def delivery_due(record: TaskRecord, now: float) -> dict:
-    """The fields that make a delivery due for a task that just ended, when it has somewhere to go."""
-    if record.deliver_to is None:
-        return {}
+def delivery_due(task_id: str, state: str, now: float) -> dict:
+    """The fields that make the delivery of a task that just ended (in `state`) due now."""
     return {
-        "webhook_id": f"msg_{record.task_id}_{record.state}",
+        "webhook_id": f"msg_{task_id}_{state}",
         "webhook_state": DeliveryState.PENDING,
         "webhook_attempts": 0,
         "webhook_due": now,

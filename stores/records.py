@@ -100,46 +100,38 @@ class IdempotencyKey:
 # -- a task record as flat fields, for both stores --------------------------------------
 
 TASK_FIELDS = tuple(field.name for field in fields(TaskRecord))
-_TUPLES = {"source_image_urls", "image_urls", "upstream_image_urls"}
-_FLOATS = {"created_at", "submitted_at", "completed_at", "webhook_due"}
-_INTEGERS = {"sequence", "webhook_attempts"}
+_TUPLES = ("source_image_urls", "image_urls", "upstream_image_urls")
+_FLOATS = ("created_at", "submitted_at", "completed_at", "webhook_due")
+_INTEGERS = ("sequence", "webhook_attempts")  # 0 when missing
+_TEXTS_NEVER_NONE = ("owner", "follower")
+# Every store write and read of a task passes through these two, several times per generation: each is written
+# field group by field group rather than with a test per field, which halves its cost.
 
 
 def task_fields(record: TaskRecord) -> dict[str, Any]:
     """The record as column values: tuples as JSON, booleans as 0/1, None kept."""
-    values: dict[str, Any] = {}
-    for name in TASK_FIELDS:
-        value = getattr(record, name)
-        if name in _TUPLES:
-            value = json.dumps(list(value))
-        elif isinstance(value, bool):
-            value = int(value)
-        values[name] = value
+    values = dict(record.__dict__)  # a dataclass's fields, in their order
+    for name in _TUPLES:
+        values[name] = json.dumps(list(values[name]))
+    values["used_previous_image"] = int(values["used_previous_image"])
     return values
 
 
 def task_record(values: Mapping[str, Any]) -> TaskRecord:
     """The record back from column values (Redis gives strings, and "" for None)."""
-    decoded: dict[str, Any] = {}
-    for name in TASK_FIELDS:
-        value = values.get(name)
-        if value is None or value == "":
-            value = None
-        elif name in _TUPLES:
-            value = tuple(json.loads(value))
-        elif name in _FLOATS:
-            value = float(value)
-        elif name in _INTEGERS:
-            value = int(value)
-        elif name == "used_previous_image":
-            value = str(value) == "1"
-        decoded[name] = value
-    decoded["source_image_urls"] = decoded["source_image_urls"] or ()
-    decoded["image_urls"] = decoded["image_urls"] or ()
-    decoded["upstream_image_urls"] = decoded["upstream_image_urls"] or ()
-    decoded["owner"] = decoded["owner"] or ""
-    decoded["follower"] = decoded["follower"] or ""
-    decoded["sequence"] = decoded["sequence"] or 0
-    decoded["webhook_attempts"] = decoded["webhook_attempts"] or 0
-    decoded["used_previous_image"] = bool(decoded["used_previous_image"])
+    decoded = {name: values.get(name) for name in TASK_FIELDS}
+    for name, value in decoded.items():
+        if value == "":
+            decoded[name] = None
+    for name in _TUPLES:
+        value = decoded[name]
+        decoded[name] = tuple(json.loads(value)) if value is not None else ()
+    for name in _FLOATS:
+        if decoded[name] is not None:
+            decoded[name] = float(decoded[name])
+    for name in _INTEGERS:
+        decoded[name] = int(decoded[name]) if decoded[name] is not None else 0
+    for name in _TEXTS_NEVER_NONE:
+        decoded[name] = decoded[name] or ""
+    decoded["used_previous_image"] = str(decoded["used_previous_image"]) == "1"
     return TaskRecord(**decoded)
