@@ -56,6 +56,21 @@ class EmulatorTransport(BaseAdapter):
         pass
 
 
+class Clock:
+    """A wall clock that moves only when a test moves it."""
+
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """One real redis-server for the whole run (a missing one fails the run when CI is set)."""

@@ -14,19 +14,6 @@ from stores.records import FOLLOWER_LEASE, TaskRecord
 from stores.sqlite import SqliteStore
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 @pytest.fixture
 def store(clock):
     store = SqliteStore(":memory:", history_ttl=3600, max_users=10, clock=clock)

@@ -16,19 +16,6 @@ from stores.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, open_database
 from tools.processes import wait_until
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 @pytest.fixture
 def sqlite_store(clock, tmp_path) -> SqliteStore:
     store = SqliteStore(str(tmp_path / "store.sqlite3"), history_ttl=3600, max_users=3, clock=clock)
