@@ -7,6 +7,7 @@ and nothing of Flask or of users. Every upstream failure leaves it as a `NanoBan
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -37,7 +38,9 @@ KEY_BENCH_SECONDS = 600
 MAX_POLL_GAP = 600.0  # past the polling window, the gap between two polls doubles up to this
 RETRYABLE_SUBMIT_CODES = frozenset({429, 455, 500, 502, 503, 504})
 BUSY_CODES = frozenset({429, 455, 503})
-KEY_REFUSED_CODES = frozenset({401, 402})
+KEY_REFUSED_CODES = frozenset({401, 402, 433})  # a bad key, no credits, or the key's own limit reached
+FEATURE_DISABLED = 505
+PENDING_STATES = ("waiting", "queuing", "generating")  # `state`, where a record has no `successFlag`
 
 
 class NanoBananaError(Exception):
@@ -391,32 +394,56 @@ def submission(generation: Generation, callback_url: str) -> tuple[str, dict]:
 
 
 def parse_record(data: Any) -> TaskStatus:
-    """Read record-info's `data` by a closed mapping of `successFlag`; anything unknown raises."""
+    """Read record-info's `data` by a closed mapping of `successFlag` (or of `state`, where a record has no
+    `successFlag`, as the provider's other endpoints answer); anything unknown raises."""
     if not isinstance(data, dict):
         raise UpstreamError("The image service sent a status we could not read.")
+    if "successFlag" not in data and "state" in data:
+        return _parse_state(data)
     flag = data.get("successFlag")
     if flag in (0, "0"):
         return PENDING
     if flag in (1, "1"):
-        urls = result_urls(data.get("response"))
-        if not urls:
-            raise UpstreamError("The image service said the picture was ready but sent no address for it.")
-        return TaskStatus("success", urls)
+        return _success(data)
     if flag in (2, 3, "2", "3"):
         return TaskStatus("failed", error_message=_failure_message(data, created=flag not in (2, "2")))
     raise UpstreamError(f"The image service sent a status we do not know ({flag!r}).")
 
 
-def result_urls(response: Any) -> tuple[str, ...]:
-    """Result addresses from `resultImageUrl` (a string or a list), else `resultUrls`."""
-    if not isinstance(response, dict):
+def _parse_state(data: dict) -> TaskStatus:
+    state = data["state"]
+    if state in PENDING_STATES:
+        return PENDING
+    if state == "success":
+        return _success(data)
+    if state == "fail":
+        return TaskStatus("failed", error_message=_failure_message(data, created=True))
+    raise UpstreamError(f"The image service sent a status we do not know ({state!r}).")
+
+
+def _success(data: dict) -> TaskStatus:
+    urls = result_urls(data.get("response")) or result_urls(data)
+    if not urls:
+        raise UpstreamError("The image service said the picture was ready but sent no address for it.")
+    return TaskStatus("success", urls)
+
+
+def result_urls(found: Any) -> tuple[str, ...]:
+    """Result addresses from `resultImageUrl` (a string or a list), else `resultUrls`, else `resultJson` (a JSON
+    string holding `resultUrls`)."""
+    if not isinstance(found, dict):
         return ()
     for name in ("resultImageUrl", "resultUrls"):
-        value = response.get(name)
+        value = found.get(name)
         urls = [value] if isinstance(value, str) else value if isinstance(value, list) else []
         urls = [url for url in urls if isinstance(url, str) and url.startswith(("http://", "https://"))]
         if urls:
             return tuple(urls)
+    if isinstance(found.get("resultJson"), str):
+        try:
+            return result_urls(json.loads(found["resultJson"]))
+        except ValueError:
+            return ()
     return ()
 
 
@@ -436,7 +463,7 @@ def parse_callback(body: Any) -> TaskStatus | None:
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, dict):
         return None
-    if "successFlag" in data:
+    if "successFlag" in data or "state" in data:
         try:
             status = parse_record(data)
         except UpstreamError:
@@ -454,7 +481,7 @@ def parse_callback(body: Any) -> TaskStatus | None:
 
 
 def _failure_message(data: dict, created: bool) -> str:
-    reason = data.get("errorMessage") or ""
+    reason = data.get("errorMessage") or data.get("failMsg") or ""
     opening = "The image could not be made" if created else "The image service could not start this picture"
     return f"{opening}: {_short(reason)}" if reason else f"{opening}. Please try a different prompt or image."
 
@@ -498,6 +525,11 @@ def _error_for(answer: _Answer) -> NanoBananaError:
         )
     if answer.code in KEY_REFUSED_CODES:
         return UpstreamError(f"The image service refused the service's API key{detail}.")
+    if answer.code == FEATURE_DISABLED:
+        return UpstreamError(
+            f"The image service has turned this off for the service's account{detail}. "
+            "Please tell the owner of this service."
+        )
     if answer.code == 0:
         return UpstreamError("The image service sent an answer we could not read. Please try again in a minute.")
     return UpstreamError(f"The image service reported a problem (code {answer.code}{detail}). Please try again later.")

@@ -128,7 +128,7 @@ def test_model_2_sends_empty_image_list_for_text_to_image(client, mocked):
 # -- submit: keys ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [401, 402])
+@pytest.mark.parametrize("code", [401, 402, 433])
 def test_refused_key_is_set_aside_and_next_key_used(client, mocked, fake_time, code):
     mocked.post(GENERATE, json={"code": code, "msg": "Credits insufficient"})
     mocked.post(GENERATE, json=ACCEPTED)
@@ -204,6 +204,13 @@ def test_submission_with_unknown_outcome_is_not_retried(client, mocked, lost):
     assert len(upstream_calls(mocked)) == 1
 
 
+def test_a_feature_turned_off_fails_at_once_saying_so(client, mocked):
+    mocked.post(GENERATE, json={"code": 505, "msg": "feature disabled"})
+    with pytest.raises(UpstreamError, match="turned this off") as caught:
+        client.submit(Generation(prompt="a"))
+    assert len(upstream_calls(mocked)) == 1 and caught.value.code == "upstream_error"
+
+
 def test_misspelling_rejection_is_an_upstream_error_not_retried(client, mocked):
     mocked.post(GENERATE, json={"code": 422, "msg": "type is invalid"})
     with pytest.raises(UpstreamError, match="422"):
@@ -249,12 +256,44 @@ def test_status_polls_with_task_id_and_the_tasks_own_key(client, mocked):
         ),
         ({"resultUrls": ["https://f.test/3.png"]}, ("https://f.test/3.png",)),
         ({"resultImageUrl": "", "resultUrls": ["https://f.test/4.png"]}, ("https://f.test/4.png",)),
+        ({"resultJson": '{"resultUrls": ["https://f.test/5.png"]}'}, ("https://f.test/5.png",)),
     ],
 )
 def test_result_urls_in_every_shape(client, mocked, response, urls):
     mocked.get(RECORD_INFO, json=record(1, response))
     status = client.status(Task("task-1", 1, 0.0))
     assert status.state == "success" and status.image_urls == urls
+
+
+def test_result_json_beside_the_response_is_read_too(client, mocked):
+    mocked.get(RECORD_INFO, json=record(1, None, resultJson='{"resultUrls": ["https://f.test/6.png"]}'))
+    assert client.status(Task("task-1", 1, 0.0)).image_urls == ("https://f.test/6.png",)
+
+
+def state_record(state: str, **extra) -> dict:
+    """A record as the provider's other endpoints answer it: `state` instead of `successFlag`."""
+    return {"code": 200, "msg": "success", "data": {"taskId": "task-1", "state": state, **extra}}
+
+
+@pytest.mark.parametrize("state", ["waiting", "queuing", "generating"])
+def test_a_state_still_under_way_is_pending(client, mocked, state):
+    mocked.get(RECORD_INFO, json=state_record(state))
+    assert client.status(Task("task-1", 1, 0.0)).state == "pending"
+
+
+def test_the_state_of_a_finished_task_and_its_result_json(client, mocked):
+    mocked.get(RECORD_INFO, json=state_record("success", resultJson='{"resultUrls": ["https://f.test/7.png"]}'))
+    assert client.status(Task("task-1", 1, 0.0)).image_urls == ("https://f.test/7.png",)
+    mocked.get(RECORD_INFO, json=state_record("fail", failMsg="not allowed"))
+    failed = client.status(Task("task-1", 1, 0.0))
+    assert failed.state == "failed" and "not allowed" in failed.error_message
+
+
+@pytest.mark.parametrize("answer", [state_record("paused"), state_record("success", resultJson="{broken")])
+def test_an_unknown_state_or_an_unreadable_result_is_no_success(client, mocked, answer):
+    mocked.get(RECORD_INFO, json=answer)
+    with pytest.raises(NanoBananaError):
+        client.status(Task("task-1", 1, 0.0))
 
 
 @pytest.mark.parametrize(
@@ -348,6 +387,14 @@ def test_credits_of_each_key(client, mocked):
         ),
         ({"code": 200, "msg": "success", "data": {"taskId": "t", "info": {}}}, None),
         ({"code": 200, "data": {"taskId": "t", "successFlag": 0}}, None),
+        (
+            {
+                "code": 200,
+                "data": {"taskId": "t", "state": "success", "resultJson": '{"resultUrls": ["https://f.test/8.png"]}'},
+            },
+            TaskStatus("success", ("https://f.test/8.png",)),
+        ),
+        ({"code": 200, "data": {"taskId": "t", "state": "generating"}}, None),
         ({"code": 200, "data": {"taskId": "t", "successFlag": "weird"}}, None),
         (["not", "an", "object"], None),
     ],

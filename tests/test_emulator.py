@@ -10,6 +10,7 @@ import pytest
 import requests
 from flask import Flask, request
 
+from nanobanana_client import parse_record
 from tools.emulator import Upstream, create_emulator
 from tools.processes import serving, wait_until
 
@@ -164,3 +165,40 @@ def test_any_prompt_makes_a_picture_that_parses(emulator, prompt):
     assert picture.status_code == 200
     ElementTree.fromstring(picture.content)  # well-formed XML
     assert "a cat" in picture.text or "red" in picture.text
+
+
+# -- limits like the provider's, and the shapes seen in the wild --------------------------------------------------
+
+
+def test_a_rate_limit_refuses_the_excess_with_429_and_counts_it(emulator):
+    url, upstream = emulator
+    assert requests.post(f"{url}/_config", json={"rate": "2/1s"}, timeout=5).json()["rate"] == "2/1s"
+    answers = [submit(url, prompt=f"cat {n}")["code"] for n in range(3)]
+    assert answers == [200, 200, 429]
+    assert requests.get(f"{url}/_config", timeout=5).json()["refused"] == 1
+    assert len(upstream.tasks) == 2  # refused, not queued
+    wait_until(lambda: submit(url, prompt="a cat, a second later")["code"] == 200, timeout=3)
+
+
+def test_a_running_limit_refuses_until_a_task_finishes(emulator):
+    url, _ = emulator
+    requests.post(f"{url}/_config", json={"max_running": 1}, timeout=5)
+    assert submit(url, prompt="[delay=0.3] first")["code"] == 200
+    assert submit(url, prompt="second")["code"] == 429
+    wait_until(lambda: submit(url, prompt="third")["code"] == 200, timeout=3)
+
+
+@pytest.mark.parametrize("shape", ["urls", "json", "state"])
+def test_every_shape_reads_as_the_same_picture(emulator, shape):
+    url, _ = emulator
+    task_id = submit(url, prompt=f"[shape={shape}] a cat")["data"]["taskId"]
+    assert parse_record(record_info(url, task_id)["data"]).state == "pending"
+    done = wait_until(lambda: (s := parse_record(record_info(url, task_id)["data"])).done and s)
+    assert done.state == "success" and done.image_urls[0].startswith(f"{url}/files/{task_id}/")
+
+
+def test_a_failure_in_the_state_shape_says_why(emulator):
+    url, _ = emulator
+    task_id = submit(url, prompt="[shape=state] [fail] a cat")["data"]["taskId"]
+    failed = wait_until(lambda: (s := parse_record(record_info(url, task_id)["data"])).done and s)
+    assert failed.state == "failed" and "could not be generated" in failed.error_message

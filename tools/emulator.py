@@ -17,6 +17,14 @@ Behaviour is chosen per task by markers in the prompt:
   [callback-delay=S] the callback comes S seconds after the result
   [file-lifetime=S]  the picture's file is gone S seconds after the result (the real one lives ~14 days)
   [file-type=T]      the picture's file is served as content type T (text/html, say: not a picture)
+  [shape=S]          record-info (and the callback) answer in another shape seen in the wild: urls
+                     (response.resultUrls), json (a resultJson string), or state (`state` instead of successFlag)
+
+Limits, like the provider's sister platforms (the excess is answered code 429, not queued):
+  --rate N/Ss        at most N submissions per key in any S seconds (say 20/10s)
+  --max-running N    at most N tasks per key submitted and not yet finished
+Both can be read and changed while it runs: GET and POST /_config ({"rate": "5/2s", "max_running": 10});
+GET /_config also says how many submissions were refused for a limit.
 
 Run it alone:  python -m tools.emulator --port 9000 --delay 3 --key demo-key=100 --key empty-key=0
 (served by gunicorn with gevent, like the service)
@@ -36,6 +44,7 @@ import textwrap
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from flask import Flask, Response, jsonify, request
@@ -87,6 +96,10 @@ class Upstream:
     lock: threading.Lock = field(default_factory=threading.Lock)
     state_path: str | None = None  # tasks kept in this file (JSON lines) live on across restarts (demo mode)
     url: str | None = None  # where it listens, once served
+    rate: tuple[int, float] | None = None  # at most this many submissions per key in any window of seconds
+    max_running: int | None = None  # at most this many tasks per key submitted and not yet finished
+    refused: int = 0  # submissions answered 429 for a limit
+    submitted_at: dict[str, deque] = field(default_factory=dict)  # each key's recent submissions (monotonic)
 
     def __post_init__(self):
         if self.state_path and os.path.exists(self.state_path):
@@ -100,6 +113,26 @@ class Upstream:
         if self.state_path:
             with open(self.state_path, "a") as lines:
                 lines.write(json.dumps(_task_state(task)) + "\n")
+
+    def over_limit(self, key: str) -> bool:
+        """Whether a submission with this key now would break a limit (call under the lock)."""
+        now = time.monotonic()
+        if self.rate is not None:
+            count, seconds = self.rate
+            recent = self.submitted_at.setdefault(key, deque())
+            while recent and recent[0] <= now - seconds:
+                recent.popleft()
+            if len(recent) >= count:
+                return True
+        if self.max_running is not None:
+            running = sum(1 for task in self.tasks.values() if task.key == key and now < task.ready_at)
+            if running >= self.max_running:
+                return True
+        return False
+
+    def config(self) -> dict:
+        rate = f"{self.rate[0]}/{self.rate[1]:g}s" if self.rate else None
+        return {"rate": rate, "max_running": self.max_running, "refused": self.refused}
 
     def polls_of(self, task_id: str) -> int:
         with self.lock:
@@ -154,6 +187,10 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
             refused = key_problem(key, cost=count)
             if refused:
                 return envelope(*refused, message_key=message_key)
+            if upstream.over_limit(key):
+                upstream.refused += 1
+                return envelope(429, "Too many requests, please slow down", message_key=message_key)
+            upstream.submitted_at.setdefault(key, deque()).append(time.monotonic())
             if upstream.keys is not None:
                 upstream.keys[key] -= count
             task = new_task(endpoint, key, body, markers, count)
@@ -209,6 +246,18 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
         with upstream.lock:
             credits = upstream.keys[key] if upstream.keys is not None else 1000.0
         return envelope(200, "success", credits)
+
+    @app.route("/_config", methods=["GET", "POST"])
+    def limits_config():
+        """Not part of the upstream: its limits, read and set while it runs."""
+        wanted = request.get_json(silent=True) if request.method == "POST" else None
+        with upstream.lock:
+            if isinstance(wanted, dict):
+                if "rate" in wanted:
+                    upstream.rate = parse_rate(wanted["rate"])
+                if "max_running" in wanted:
+                    upstream.max_running = wanted["max_running"]
+            return jsonify(upstream.config())
 
     @app.get("/emulator/tasks")
     def task_report():
@@ -310,13 +359,30 @@ def record(task: EmulatedTask) -> dict:
     elif flag in (2, 3):
         data["errorCode"] = 400 if flag == 2 else 501
         data["errorMessage"] = "the task could not be created" if flag == 2 else "the picture could not be generated"
-    return data
+    return reshaped(data, task.markers.get("shape"), task.image_urls)
+
+
+STATES = {0: "generating", 1: "success", 2: "fail", 3: "fail"}
+
+
+def reshaped(data: dict, shape: str | None, urls: list[str]) -> dict:
+    """The record in a shape seen in the wild ([shape=urls|json|state]), or as record-info documents it."""
+    if shape is None or data["successFlag"] not in (0, 1, 2, 3):
+        return data
+    done = data["successFlag"] == 1
+    if shape == "urls":
+        return {**data, "response": {"resultUrls": urls} if done else None}
+    result = {"resultJson": json.dumps({"resultUrls": urls}) if done else None}
+    if shape == "json":
+        return {**data, "response": None, **result}
+    state = {key: value for key, value in data.items() if key not in ("successFlag", "response", "errorMessage")}
+    return {**state, "state": STATES[data["successFlag"]], "failMsg": data["errorMessage"], **result}
 
 
 def callback_body(task: EmulatedTask) -> dict:
     """The callback, in the shape of the endpoint that created the task."""
     data = record(task)
-    if task.endpoint == "generate-2":
+    if task.endpoint == "generate-2" or "shape" in task.markers:
         return {"code": 200, "msg": "success", "data": {**data, "operationType": "generate"}}
     code = {1: 200, 2: 400, 3: 501}[task.flag_when_done]
     info = {"resultImageUrl": task.image_urls[0]} if code == 200 else None
@@ -413,6 +479,14 @@ def _not_xml(c: str) -> bool:
     return (c < " " and c not in "\t\n\r") or "\ud800" <= c <= "\udfff" or c in "\ufffe\uffff"
 
 
+def parse_rate(value: str | None) -> tuple[int, float] | None:
+    """`N/Ss` (say 20/10s) as (N, S); None or "off": no limit."""
+    if value in (None, "", "off"):
+        return None
+    count, _, seconds = str(value).partition("/")
+    return int(count), float(seconds.rstrip("s") or 1)
+
+
 def parse_keys(pairs: list[str]) -> dict[str, float] | None:
     """`NAME=CREDITS` pairs; none means any key is accepted."""
     if not pairs:
@@ -431,6 +505,8 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=3.0, help="seconds a generation takes")
     parser.add_argument("--key", action="append", default=[], help="NAME=CREDITS; repeat; none: any key works")
     parser.add_argument("--state", help="a file that keeps the tasks across restarts (JSON lines)")
+    parser.add_argument("--rate", help="at most N submissions per key in any S seconds: N/Ss, like 20/10s")
+    parser.add_argument("--max-running", type=int, help="at most N tasks per key submitted and not yet finished")
     args = parser.parse_args()
 
     from gunicorn.app.base import BaseApplication
@@ -450,7 +526,9 @@ def main() -> None:
             self.cfg.set("control_socket_disable", True)
 
         def load(self):  # in the worker, after gevent has patched the standard library
-            return create_emulator(Upstream(delay=args.delay, keys=parse_keys(args.key), state_path=args.state))
+            limits = {"rate": parse_rate(args.rate), "max_running": args.max_running}
+            upstream = Upstream(delay=args.delay, keys=parse_keys(args.key), state_path=args.state, **limits)
+            return create_emulator(upstream)
 
     print(f"NanoBanana emulator on http://{args.host}:{args.port} (generation {args.delay:g} s)", flush=True)
     EmulatorServer().run()
