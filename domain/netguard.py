@@ -27,8 +27,12 @@ class RefusedTarget(InvalidRequest):
 
 def check_target(url: str, allow_private: bool) -> None:
     """Refuse a callback_url that is not http(s), cannot be found, or (unless allowed) points inside."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        readable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed [ of an IPv6 host, say
+        readable = False
+    if not readable:
         raise RefusedTarget("callback_url must be a web address that starts with https:// (or http://).")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)

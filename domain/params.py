@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from config import IDEMPOTENCY_TTL, in_words
 from errors import InvalidRequest
@@ -367,16 +367,24 @@ def _image_urls(values: Values, model: Model) -> tuple[str, ...]:
 
 
 def _check_image_url(url: str) -> None:
-    parts = urlsplit(url)
+    parts = _split(url)
     if any(c.isspace() for c in url):
         raise InvalidRequest(
             f"image_url {_quote(url)} has a space in it, and a web address has none; "
             "write each space as %20, or copy the address again from the browser."
         )
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise InvalidRequest(
             f"image_url {_quote(url)} is not a web address; use a link that starts with http:// or https://."
         )
+
+
+def _split(url: str) -> SplitResult | None:
+    """The parts of an address, or None when it cannot be read as one (an unclosed [ of an IPv6 host, say)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
 
 
 def _aspect_ratio(values: Values, model: Model) -> str | None:
@@ -479,8 +487,9 @@ def _callback_url(values: Values) -> str | None:
     url = (_first(values, *FIELD["callback_url"].names) or "").strip()
     if not url:
         return None
-    parts = urlsplit(url)
-    if len(url) > MAX_CALLBACK_URL or any(c.isspace() for c in url) or parts.scheme.lower() not in ("http", "https"):
+    parts = _split(url)
+    scheme = parts.scheme.lower() if parts is not None else ""
+    if len(url) > MAX_CALLBACK_URL or any(c.isspace() for c in url) or scheme not in ("http", "https"):
         raise InvalidRequest(
             f"callback_url {_quote(url)} is not a web address; use one that starts with https:// (or http://), "
             f"at most {MAX_CALLBACK_URL} characters."

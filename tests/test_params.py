@@ -202,3 +202,9 @@ def test_the_documentation_quotes_the_limits_of_every_model():
     for model in MODEL_TABLE.values():
         assert str(model.max_prompt) in rows["prompt"] and str(model.max_images) in rows["image_url"], model.name
     assert str(MAX_USER_ID) in rows["user_id"] and str(MAX_NUM_IMAGES) in rows["num_images"]
+
+
+@pytest.mark.parametrize("name", ["image_url", "callback_url"])
+def test_an_address_that_cannot_be_read_is_a_clear_400_not_a_500(client, name):
+    answer = client.get("/nanobanana", query_string={"prompt": "a cat", name: "http://[x"})
+    assert answer.status_code == 400 and "not a web address" in answer.json["error"]["message"]

@@ -46,6 +46,7 @@ SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         "http://[::ffff:127.0.0.1]/hook",
         "http://[::ffff:10.0.0.1]/hook",
         "http://no-such-host.invalid/hook",
+        "http://[x/hook",
     ],
 )
 def test_internal_and_unusable_targets_are_refused(url):
