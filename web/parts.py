@@ -1,7 +1,7 @@
 """The parts of one running service, built once by the factory (app.py) and found by the routes here.
 
-One object instead of string keys in `app.extensions`: the routes, the error mapping and the
-callback receiver ask `parts()` for what they use. `start` and `stop` are each worker's beginning and end.
+One object instead of string keys in `app.extensions`: the routes ask `parts()` for what they use.
+`start` and `stop` are each worker's beginning and end.
 """
 
 from __future__ import annotations
