@@ -73,7 +73,7 @@ def create_app(
             parts.background,
             parts.media,
         )
-        parts.deliveries.channels[TELEGRAM] = parts.telegram
+        parts.deliveries.add_channel(TELEGRAM, parts.telegram)
     app.register_error_handler(Exception, handle_error)
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
@@ -95,7 +95,16 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
     deliveries = Deliveries(settings, store, background, channels, on_outcome=metrics.webhook_outcome)
     lifecycle = Lifecycle(settings, client, store, conversations, deliveries, background, media)
     return Parts(
-        settings, client, store, background, conversations, lifecycle, deliveries, metrics, media, None, owns_store
+        settings=settings,
+        client=client,
+        store=store,
+        background=background,
+        conversations=conversations,
+        lifecycle=lifecycle,
+        deliveries=deliveries,
+        metrics=metrics,
+        media=media,
+        owns_store=owns_store,
     )
 
 

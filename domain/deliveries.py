@@ -83,6 +83,10 @@ class Deliveries:
         self._next_retry = float("inf")  # the soonest retry this process set: the loop looks then, not later
         store.on_notify(lambda task_id: self._wake.set())  # a task ended somewhere: a delivery may be due
 
+    def add_channel(self, target_scheme: str, channel: Channel) -> None:
+        """Deliver targets of this scheme through `channel` too (a chat channel, built after the outbox)."""
+        self.channels[target_scheme] = channel
+
     def check_target(self, target: str) -> None:
         """Refuse a target no channel here delivers to, or that its channel refuses."""
         channel = self.channels.get(scheme(target))
