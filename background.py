@@ -44,13 +44,15 @@ class Background:
             if wake is not None:
                 self._wakes.append(wake)
 
-    def spawn(self, work: Callable, *args) -> None:
-        """Run `work(*args)` apart from the caller; a failure is logged, never lost in silence. None after stop."""
+    def spawn(self, work: Callable, *args) -> bool:
+        """Run `work(*args)` apart from the caller; a failure is logged, never lost in silence. After stop, the
+        work does not start and False says so."""
         with self._idle:
             if self.stopping.is_set():
-                return
+                return False
             self._running += 1
         _thread.start_new_thread(self._counted, (work, args))
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask everything to stop, then wait up to `timeout` seconds in all for it to finish."""

@@ -43,6 +43,21 @@ def size_in_words(size: int) -> str:
     return f"{size} bytes"
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """How fast the service may start tasks at the upstream, per API key (CONTRACT §11); None: no limit."""
+
+    rate: int | None = 20  # submissions per key in any `window` seconds
+    window: float = 10.0
+    max_running: int | None = 100  # tasks per key submitted and not yet ended
+
+    @property
+    def spacing(self) -> float:
+        """The window as counted here: a little longer than the upstream's, because a submission reaches it a
+        moment after its turn is taken here, and two may be held up differently on the way."""
+        return self.window + min(0.5, self.window / 10)
+
+
 class ConfigError(ValueError):
     """A setting has a value the service cannot use."""
 
@@ -79,6 +94,10 @@ class Settings:
     submit_read_timeout: float = 30.0
     poll_read_timeout: float = 10.0
     submit_retry_backoff: float = 0.5  # seconds before the first retry; doubled for the second
+    upstream_rate: tuple[int, float] | None = (20, 10.0)  # submissions per key per window of seconds; None: off
+    upstream_max_running: int | None = 100  # tasks per key submitted and not yet ended; None: off
+    queue_max_wait: float = 900.0  # seconds a task may wait in the queue before it fails, nothing paid
+    queue_max: int = 5000  # tasks queued at most; a new generation beyond gets 503
 
     @property
     def configured(self) -> bool:
@@ -103,6 +122,11 @@ class Settings:
 
     def __repr__(self) -> str:  # never print the keys themselves
         return f"Settings(api_keys=<{len(self.api_keys)} keys>, api_base={self.api_base!r}, store={self.store_name!r})"
+
+    @property
+    def pacing(self) -> Pacing:
+        count, window = self.upstream_rate or (None, 1.0)
+        return Pacing(count, window, self.upstream_max_running)
 
     @property
     def demo(self) -> bool:
@@ -159,6 +183,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
         history_ttl=_integer(env, "HISTORY_TTL", DEFAULTS.history_ttl, minimum=1),
         history_max_users=_integer(env, "HISTORY_MAX_USERS", DEFAULTS.history_max_users, minimum=1),
+        upstream_rate=_upstream_rate(env),
+        upstream_max_running=_optional_integer(env, "UPSTREAM_MAX_RUNNING", DEFAULTS.upstream_max_running),
+        queue_max_wait=_number(env, "QUEUE_MAX_WAIT", DEFAULTS.queue_max_wait, minimum=1),
+        queue_max=_integer(env, "QUEUE_MAX", DEFAULTS.queue_max, minimum=1),
     )
 
 
@@ -183,6 +211,26 @@ def _rate_limit(env: Mapping[str, str]) -> str | None:
             f"RATE_LIMIT={value!r} is not a rate limit; use one like 20/minute, 100 per hour, or off"
         ) from None
     return value
+
+
+def _upstream_rate(env: Mapping[str, str]) -> tuple[int, float] | None:
+    value = env.get("UPSTREAM_RATE", "").strip().lower()
+    if not value:
+        return DEFAULTS.upstream_rate
+    if value == "off":
+        return None
+    match = re.fullmatch(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*s", value)
+    if not match or int(match.group(1)) < 1 or float(match.group(2)) <= 0:
+        raise ConfigError(
+            f"UPSTREAM_RATE={value!r} must be submissions per key per window of seconds, like 20/10s, or off"
+        )
+    return int(match.group(1)), float(match.group(2))
+
+
+def _optional_integer(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    if env.get(name, "").strip().lower() == "off":
+        return None
+    return _integer(env, name, default, minimum=1)
 
 
 def _webhook_secret(env: Mapping[str, str]) -> str | None:

@@ -71,6 +71,24 @@ class NothingToUndo(ServiceError):
     message = "There is no picture to undo: this conversation has none yet."
 
 
+class AlreadySubmitted(ServiceError):
+    """Cancel asked for a task that has left the queue."""
+
+    status, code = 409, "already_submitted"
+    message = "This picture has already gone to the image service, so it can no longer be cancelled."
+
+
+class QueueFull(ServiceError):
+    """QUEUE_MAX tasks are queued: nothing is recorded, nothing is paid."""
+
+    status, code = 503, "upstream_unavailable"
+    message = (
+        "So many pictures are waiting for the image service that no more can join the line right now. "
+        "Nothing was started and nothing was charged. Please try again in a minute."
+    )
+    headers = {"Retry-After": "60"}
+
+
 class TooLarge(ServiceError):
     status, code = 413, "too_large"
     message = f"The request body is larger than {size_in_words(MAX_BODY_BYTES)}. Please send a shorter request."

@@ -36,8 +36,8 @@ CALLBACK_PLACEHOLDER = "http://localhost/nanobanana/callback"
 SUBMIT_RETRIES = 2
 KEY_BENCH_SECONDS = 600
 MAX_POLL_GAP = 600.0  # past the polling window, the gap between two polls doubles up to this
-RETRYABLE_SUBMIT_CODES = frozenset({429, 455, 500, 502, 503, 504})
-BUSY_CODES = frozenset({429, 455, 503})
+RETRYABLE_SUBMIT_CODES = frozenset({500, 502, 504})
+BUSY_CODES = frozenset({429, 455, 503})  # nothing was created: the task waits its turn again
 KEY_REFUSED_CODES = frozenset({401, 402, 433})  # a bad key, no credits, or the key's own limit reached
 FEATURE_DISABLED = 505
 PENDING_STATES = ("waiting", "queuing", "generating")  # `state`, where a record has no `successFlag`
@@ -81,12 +81,21 @@ class UpstreamUnavailable(NanoBananaError):
         self.retry_after = retry_after
 
 
+class UpstreamBusy(UpstreamUnavailable):
+    """The upstream limits us (429, 455, 503): nothing was created; `retry_after` when it said."""
+
+
+class KeyRefused(UpstreamUnavailable):
+    """The upstream refused the key (401), found it out of credits (402) or at its own limit (433); the key is
+    set aside and nothing was made."""
+
+
 class _NotSent(UpstreamUnavailable):
     """The connection failed before the request left: certainly nothing was created."""
 
 
 class _KeyRefused(NanoBananaError):
-    """The upstream rejected this key (401) or found it out of credits (402)."""
+    """The upstream's answer about the key, before the key is set aside."""
 
 
 @dataclass(frozen=True)
@@ -247,28 +256,34 @@ class NanoBananaClient:
 
     # -- submit -------------------------------------------------------------------------
 
-    def submit(self, generation: Generation, callback_url: str = CALLBACK_PLACEHOLDER) -> Task:
-        """Create a task with the first usable key; a refused key is benched and the next one tried."""
+    def submit(self, generation: Generation, callback_url: str = CALLBACK_PLACEHOLDER, key_number: int = 0) -> Task:
+        """Create a task with key `key_number` (0: the first usable one). A busy upstream raises UpstreamBusy, and
+        a refused key KeyRefused after it is set aside: in both cases nothing was made."""
         path, body = submission(generation, callback_url)
-        for number, key in self.keys.usable():
-            try:
-                task_id = self._submit_with_key(path, body, key)
-            except _KeyRefused as refused:
-                log.warning("API key %d set aside for %ds: %s", number, self.keys.bench_seconds, refused.message)
-                self.keys.bench(number)
-                continue
-            return Task(task_id, number, self.clock())
-        raise UpstreamUnavailable(
-            "None of the service's API keys can be used right now: they are out of credits or were "
-            "rejected by the image service. Please tell the owner of this service.",
-            retry_after=self.keys.seconds_until_usable() or None,
-        )
+        number = key_number or self.first_usable_key()
+        try:
+            task_id = self._submit_with_key(path, body, self.keys.key(number))
+        except _KeyRefused as refused:
+            log.warning("API key %d set aside for %ds: %s", number, self.keys.bench_seconds, refused.message)
+            self.keys.bench(number)
+            raise KeyRefused(refused.message) from None
+        return Task(task_id, number, self.clock())
+
+    def first_usable_key(self) -> int:
+        usable = self.keys.usable()
+        if not usable:
+            raise UpstreamUnavailable(
+                "None of the service's API keys can be used right now: they are out of credits or were "
+                "rejected by the image service. Please tell the owner of this service.",
+                retry_after=self.keys.seconds_until_usable() or None,
+            )
+        return usable[0][0]
 
     def _submit_with_key(self, path: str, body: dict, key: str) -> str:
-        """Send one submission, retrying only when the task was certainly not created."""
+        """Send one submission, retrying only when the task was certainly not created and the upstream is not
+        merely busy (a busy upstream is the queue's to wait for, domain/queue.py)."""
         timeout = (self.connect_timeout, self.submit_read_timeout)
         for attempt in range(SUBMIT_RETRIES + 1):
-            retry_after = None
             try:
                 answer = self._send("POST", path, key, timeout, json=body)
             except _NotSent as not_sent:
@@ -286,9 +301,8 @@ class NanoBananaClient:
                 failure = _error_for(answer)
                 if answer.code not in RETRYABLE_SUBMIT_CODES:
                     raise failure
-                retry_after = answer.retry_after
             if attempt < SUBMIT_RETRIES:
-                self.sleep(min(retry_after or self.retry_backoff * 2**attempt, 5.0))
+                self.sleep(min(self.retry_backoff * 2**attempt, 5.0))
         raise failure
 
     # -- status and wait ----------------------------------------------------------------
@@ -520,7 +534,7 @@ def _error_for(answer: _Answer) -> NanoBananaError:
             f"The image service did not accept this request{detail}. Please change it and try again."
         )
     if answer.code in BUSY_CODES:
-        return UpstreamUnavailable(
+        return UpstreamBusy(
             "The image service is busy right now. Please try again in a minute.", retry_after=answer.retry_after
         )
     if answer.code in KEY_REFUSED_CODES:

@@ -1,14 +1,17 @@
 """The life of a generation: record, submit, wait, follow to its end, complete.
 
-    record (our task id; nothing spent yet) -> submit -> wait (poll, or be woken by a callback)
-    -> complete (the user's chain follows the ordering rule; a media copy; a delivery queued)
+    record (queued; nothing spent yet) -> its turn (domain/queue.py) -> submit -> wait (poll, or be woken
+    by a callback) -> complete (the user's chain follows the ordering rule; a media copy; a delivery queued)
     -> notify whoever waits
 
-Every pending task is followed by one process: the one that recorded it, or the one that took it
-over when that one was gone (domain/keeper.py). Its submission runs as short work of its own, so a
-hung upstream never holds the caller; after that the task waits in the poll schedule
-(domain/polls.py), and its callback, if one comes, ends it at once. The routes, the callbacks, the
-chat channels and the take-over all go through the functions here.
+Every generation is recorded as queued and goes to the upstream when its turn comes, taken by whichever
+process's dispatcher finds it. A busy upstream sends it back to its turn; a queued task may be cancelled,
+and one queued too long fails, paid nothing. Every pending task is followed by one process: the one that
+took its turn, or the one that took it over when that one was gone (domain/keeper.py). Its submission runs
+as short work of its own, so a hung upstream never holds the caller; after that the task waits in the poll
+schedule (domain/polls.py), and its callback, if one comes, ends it at once. A process where a caller waits
+for a task followed elsewhere watches it (Watch). The routes, the callbacks, the chat channels and the
+take-over all go through the functions here.
 """
 
 from __future__ import annotations
@@ -33,17 +36,21 @@ from domain.keeper import Keeper
 from domain.media import Media
 from domain.params import GenerationRequest
 from domain.polls import PollSchedule
-from errors import InvalidRequest, NotConfigured, StoreUnavailable
+from domain.queue import Dispatcher
+from errors import AlreadySubmitted, InvalidRequest, NotConfigured, QueueFull, StoreUnavailable
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
     PENDING,
     Generation,
+    KeyRefused,
     NanoBananaClient,
     NanoBananaError,
     SubmissionUncertain,
     Task,
     TaskNotFound,
     TaskStatus,
+    UpstreamBusy,
+    UpstreamUnavailable,
     callback_task_id,
     parse_callback,
 )
@@ -54,6 +61,9 @@ log = logging.getLogger(__name__)
 
 RECORD_RETRY_MAX = 10.0  # longest pause between attempts to record an end while the store is away
 
+WAITING = (TaskState.QUEUED, TaskState.PENDING)  # states a caller waits through
+WATCH_EVERY = 10.0  # seconds between two looks in the store at a task waited for here but followed elsewhere
+
 UNCONFIRMED_MESSAGE = (
     "The image service did not confirm that it started this picture, so we cannot tell whether it was made. "
     "It was not sent again, to avoid paying twice; please try again."
@@ -61,16 +71,30 @@ UNCONFIRMED_MESSAGE = (
 GIVEN_UP_MESSAGE = "The image service did not finish this picture within a day."
 LOST_TASK_MESSAGE = "The image service no longer knows this picture, so it cannot be delivered. Please ask again."
 KEY_GONE_MESSAGE = "The API key that started this picture is no longer configured, so it cannot be fetched."
+CANCELLED_MESSAGE = "This picture was cancelled before it was started; nothing was charged."
+QUEUED_TOO_LONG_MESSAGE = (
+    "The image service was too busy to start this picture in time, so it was given up; nothing was charged. "
+    "Please try again later."
+)
 
 
 @dataclass
 class Following:
-    """A task followed by this process; requests for it wait on `ended`."""
+    """A task followed by this process, or only watched (queued, or followed by another process): requests for
+    it wait on `ended`."""
 
     record: TaskRecord
     key: IdempotencyKey | None = None
     ended: threading.Event = field(default_factory=threading.Event)
     refusal: NanoBananaError | None = None  # the upstream refused the submission: nothing was made
+    watching: bool = False  # only waited for here: its end comes by a notification, or a look in the store
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A look in the store at a watched task, in the poll schedule: in case the notification of its end is lost."""
+
+    following: Following
 
 
 class Lifecycle:
@@ -92,8 +116,18 @@ class Lifecycle:
         self.background = background
         self.media = media  # where lasting copies of finished pictures go; None: the upstream's addresses stay
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.polls: PollSchedule[Following] = PollSchedule(background, self._ask_when_due, _is_over)
+        self.polls: PollSchedule[Following | Watch] = PollSchedule(background, self._when_due, _is_over)
         self.keeper = Keeper(store, self.follower_id, self._take_over, background, conversations.drop_copies)
+        self.queue = Dispatcher(
+            store,
+            settings.pacing,
+            self.follower_id,
+            self._usable_key_ids,
+            self._take_turn,
+            self._queued_too_long,
+            settings.queue_max_wait,
+            background,
+        )
         self._following: dict[str, Following] = {}
         self._lock = threading.Lock()
         store.on_notify(self._woken)
@@ -101,8 +135,9 @@ class Lifecycle:
     # -- the process's part ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Renew this process's lease and take over orphaned tasks, now and every second, until stop()."""
+        """Renew this process's lease and take over orphaned tasks, and take turns from the queue, until stop()."""
         self.keeper.start()
+        self.queue.start()
 
     def answer_waiters(self) -> None:
         """Stopping (background.stopping is set): whoever still waits gets the task as it stands."""
@@ -131,6 +166,7 @@ class Lifecycle:
         earlier = self.store.keyed_task(key) if key else None
         if earlier is not None:
             return self._await(earlier, deadline)
+        self._check_room()
         conversation = conversation_key(owner, wanted.user_id)
         remembered = None if wanted.reset else conversation  # reset: the remembered picture is not edited
         generation, used_previous = self.conversations.source(wanted, remembered, owner)
@@ -139,8 +175,29 @@ class Lifecycle:
         record, new = self.store.record_task(
             self._new_record(generation, used_previous, owner, conversation, wanted, deliver_to), key
         )
-        following = self._follow(record, generation, key) if new else None
+        following = self._wait_in_line(record, key) if new else None
         return self._await(record, deadline, following)
+
+    def cancel(self, task_id: str, owner: str = "") -> TaskRecord | None:
+        """Cancel a queued task of this owner (it is never submitted); AlreadySubmitted once it has left the queue."""
+        record = self.store.task(task_id)
+        if record is None or record.owner != owner:
+            return None
+        if record.state == TaskState.CANCELLED:
+            return record
+        ended = self._end_queued(record, TaskState.CANCELLED, "cancelled", CANCELLED_MESSAGE)
+        if ended is None:
+            raise AlreadySubmitted()
+        return ended
+
+    def queue_position(self, record: TaskRecord) -> int | None:
+        """Where a queued task stands in line (1: next); None once it has left the queue, or while the store is away."""
+        if record.state != TaskState.QUEUED:
+            return None
+        try:
+            return self.store.queue_position(record)
+        except StoreUnavailable:
+            return None
 
     def task(self, task_id: str, owner: str = "") -> TaskRecord | None:
         """A task of this owner, by either id; a pending one is asked about at most once per poll interval."""
@@ -199,7 +256,19 @@ class Lifecycle:
             follower=self.follower_id,
             deliver_to=deliver_to or wanted.callback_url,
             prompt=generation.prompt,
+            state=TaskState.QUEUED,
+            model=generation.model,
+            aspect_ratio=generation.aspect_ratio,
+            resolution=generation.resolution,
+            num_images=generation.num_images,
+            lane=conversation or f"owner:{owner}",
         )
+
+    def _check_room(self) -> None:
+        """A new generation may join the queue: a key is usable, and the queue is not full (CONTRACT §11)."""
+        self.client.first_usable_key()
+        if self.store.queue_depth() >= self.settings.queue_max:
+            raise QueueFull()
 
     def _record_callback(self, end: TaskRecord) -> None:
         try:
@@ -209,27 +278,53 @@ class Lifecycle:
 
     # -- following a task ------------------------------------------------------------------
 
-    def _follow(self, record: TaskRecord, generation: Generation | None = None, key=None) -> Following | None:
-        """Follow a task to its end: submit it first when `generation` is given, then ask on its schedule."""
-        following = Following(record, key)
+    def _wait_in_line(self, record: TaskRecord, key: IdempotencyKey | None) -> Following | None:
+        """A task just queued here: its caller waits here, whichever process takes its turn."""
+        following = Following(record, key, watching=True)
         with self._lock:
-            if record.task_id in self._following or self.background.stopping.is_set():
+            if self.background.stopping.is_set():
                 return None
             self._following[record.task_id] = following
-        if generation is not None:  # apart from the caller: a hung submission must hold up nobody
-            self.background.spawn(self._submit, following, generation)
+        self.polls.add(Watch(following), time.time() + WATCH_EVERY)
+        self.queue.wake()
         return following
+
+    def _own(self, record: TaskRecord) -> Following | None:
+        """Follow a task from here on (its turn was taken here, or it was taken over); None if it already is,
+        or if this process is stopping."""
+        with self._lock:
+            if self.background.stopping.is_set():
+                return None
+            following = self._following.get(record.task_id)
+            if following is None:
+                following = self._following[record.task_id] = Following(record)
+            elif not following.watching:
+                return None
+            following.record, following.watching = record, False
+        return following
+
+    def _take_turn(self, record: TaskRecord) -> None:
+        """The dispatcher took this task's turn: submit it, apart from the dispatcher (a hung submission must hold
+        up nobody). A process that is stopping puts it back, for another to submit."""
+        following = self._own(record)
+        if following is None or not self.background.spawn(self._submit, following):
+            log.info("task %s goes back to the queue: this process is stopping", record.task_id)
+            self._quietly(self.store.requeue, record.task_id)
 
     def _take_over(self, record: TaskRecord) -> None:
         """Follow a task whose follower is gone; it may have ended long ago, so ask at once."""
-        following = self._follow(record)
+        following = self._own(record)
         if following is not None:
             self.polls.add(following, time.time())
 
-    def _submit(self, following: Following, generation: Generation) -> None:
+    def _submit(self, following: Following) -> None:
         record = following.record
+        number = self.client.keys.number_of(record.key_id)
         try:
-            task = self.client.submit(generation, self._callback_url(record))
+            task = self.client.submit(generation_of(record), self._callback_url(record), number or 0)
+        except (UpstreamBusy, KeyRefused) as not_now:
+            self._back_in_line(following, not_now)
+            return
         except NanoBananaError as failure:
             if not isinstance(failure, SubmissionUncertain):
                 self._refused(following, failure)
@@ -239,12 +334,32 @@ class Lifecycle:
         except Exception:
             log.exception("submitting task %s failed unexpectedly; it may have been made", record.task_id)
         else:
+            self.queue.went_through(record.key_id)
             key_id = self.client.keys.key_id(task.key_number)
             following.record = replace(
                 record, upstream_task_id=task.task_id, key_id=key_id, submitted_at=task.submitted_at
             )
             self._quietly(self.store.submitted, record.task_id, task.task_id, key_id, task.submitted_at)
         self.polls.add(following, self._next_ask(following.record))
+
+    def _back_in_line(self, following: Following, not_now: UpstreamBusy | KeyRefused) -> None:
+        """Nothing was made: the task goes back to its turn. After a busy answer its key rests a while; with every
+        key refused, the caller hears why at once."""
+        record = following.record
+        if isinstance(not_now, KeyRefused):
+            try:
+                self.client.first_usable_key()
+            except UpstreamUnavailable as no_key_left:
+                self._refused(following, no_key_left)
+                return
+        busy = isinstance(not_now, UpstreamBusy)
+        hold = self.queue.hold_after_busy(record.key_id, not_now.retry_after) if busy else None
+        log.info("task %s goes back to the queue: %s", record.task_id, not_now.message)
+        following.record = replace(record, state=TaskState.QUEUED, key_id=None, follower="")
+        following.watching = True
+        self._until_stored(self.store.requeue, record.task_id, hold)
+        self.polls.add(Watch(following), time.time() + WATCH_EVERY)
+        self.queue.wake()
 
     def _refused(self, following: Following, failure: NanoBananaError) -> None:
         """Nothing was made: the caller hears why, and may use its idempotency key again."""
@@ -253,6 +368,21 @@ class Lifecycle:
         if following.key is not None:
             self._quietly(self.store.release_key, following.key, following.record.task_id)
 
+    def _queued_too_long(self, record: TaskRecord) -> None:
+        """QUEUE_MAX_WAIT passed in the queue: the task fails, nothing paid, and its idempotency key is free again."""
+        self._end_queued(record, TaskState.FAILED, "upstream_unavailable", QUEUED_TOO_LONG_MESSAGE)
+
+    def _end_queued(self, record: TaskRecord, state: str, code: str, message: str) -> TaskRecord | None:
+        """End a task that is still queued; None if it has left the queue meanwhile."""
+        stored = self.store.end_queued(settled(record, state, code, message))
+        if stored is not None:
+            self._adopt(stored)
+            self._quietly(self.store.notify, record.task_id)
+        return stored
+
+    def _usable_key_ids(self) -> list[str]:
+        return [self.client.keys.key_id(number) for number, _ in self.client.keys.usable()]
+
     def _next_ask(self, record: TaskRecord) -> float:
         """When to ask about the task next. Without an upstream id, that is when to stop hoping for its callback."""
         if record.upstream_task_id is not None:
@@ -260,6 +390,24 @@ class Lifecycle:
         if not self.settings.callbacks:
             return time.time()
         return record.created_at + self.settings.polling_window + self.settings.submit_read_timeout
+
+    def _when_due(self, item: Following | Watch) -> None:
+        if isinstance(item, Watch):
+            self._look_again(item.following)
+        else:
+            self._ask_when_due(item)
+
+    def _look_again(self, following: Following) -> None:
+        """A watched task: its end is looked up in the store, in case its notification was lost."""
+        try:
+            stored = self.store.task(following.record.task_id)
+        except StoreUnavailable:
+            stored = None
+        if stored is not None and stored.settled:
+            self._adopt(stored)
+        elif not following.ended.is_set():
+            following.record = stored or following.record
+            self.polls.add(Watch(following), time.time() + WATCH_EVERY)
 
     def _ask_when_due(self, following: Following) -> None:
         """The task's turn has come in the poll schedule: ask the upstream, then end the task or ask again later."""
@@ -301,6 +449,7 @@ class Lifecycle:
             following.record = self._record_when_back(end)
         self._release(following)
         self._quietly(self.store.notify, end.task_id)
+        self.queue.task_ended()
 
     def _release(self, following: Following) -> None:
         with self._lock:
@@ -308,16 +457,22 @@ class Lifecycle:
         following.ended.set()
 
     def _record_when_back(self, end: TaskRecord) -> TaskRecord:
+        recorded = self._until_stored(self.store.complete_task, end)
+        if recorded is None:
+            return end
+        log.info("recorded the end of task %s now that the store is back", end.task_id)
+        return recorded
+
+    def _until_stored(self, write, *args):
+        """A store write that must happen: tried again, further and further apart, while the store is away."""
         pause = 0.5
-        while not self.background.stopping.wait(pause):
+        while True:
             try:
-                recorded = self.store.complete_task(end)
+                return write(*args)
             except StoreUnavailable:
+                if self.background.stopping.wait(pause):
+                    return None
                 pause = min(pause * 2, RECORD_RETRY_MAX)
-                continue
-            log.info("recorded the end of task %s now that the store is back", end.task_id)
-            return recorded
-        return end
 
     def _record_end(self, end: TaskRecord) -> TaskRecord:
         """Record an end learnt from a callback or a status request; whoever follows or waits learns it too."""
@@ -356,13 +511,15 @@ class Lifecycle:
         following.ended.wait(max(0.0, deadline - time.monotonic()))
         if following.refusal is not None:
             raise following.refusal
+        if following.watching and not following.ended.is_set():  # how it stands may have changed elsewhere
+            return self._quietly(self.store.task, following.record.task_id) or following.record
         return following.record
 
     def _await_stored(self, record: TaskRecord, deadline: float) -> TaskRecord:
         """Wait for a task another process follows: its end is in the store, and a notification says when."""
         with self.store.listen(record.task_id) as woken:
             current = self.store.task(record.task_id) or record
-            while current.state == TaskState.PENDING and woken.wait(max(0.0, deadline - time.monotonic())):
+            while current.state in WAITING and woken.wait(max(0.0, deadline - time.monotonic())):
                 woken.clear()
                 current = self.store.task(record.task_id) or current
         return current
@@ -404,16 +561,31 @@ class Lifecycle:
         )
 
     @staticmethod
-    def _quietly(action, *args) -> None:
-        """A store write that may wait for better times: the end of the task writes the record whole."""
+    def _quietly(action, *args):
+        """A store call that may wait for better times (the end of the task writes the record whole); None then."""
         try:
-            action(*args)
+            return action(*args)
         except StoreUnavailable:
             log.warning("the store is unavailable: %s skipped for now", action.__name__)
+            return None
 
 
-def _is_over(following: Following) -> bool:
-    return following.ended.is_set()
+def _is_over(item: Following | Watch) -> bool:
+    if isinstance(item, Watch):
+        return item.following.ended.is_set() or not item.following.watching
+    return item.ended.is_set()
+
+
+def generation_of(record: TaskRecord) -> Generation:
+    """What a recorded task asks the upstream to make."""
+    return Generation(
+        prompt=record.prompt or "",
+        model=record.model,
+        image_urls=record.source_image_urls,
+        aspect_ratio=record.aspect_ratio,
+        resolution=record.resolution,
+        num_images=record.num_images,
+    )
 
 
 def ended(record: TaskRecord, status: TaskStatus, **found) -> TaskRecord:

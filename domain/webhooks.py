@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 SCHEMES = ("http", "https")
-EVENT_TYPES = {TaskState.SUCCESS: "generation.succeeded"}  # any other end is "generation.failed"
+EVENT_TYPES = {  # any other end is "generation.failed"
+    TaskState.SUCCESS: "generation.succeeded",
+    TaskState.CANCELLED: "generation.cancelled",
+}
 
 
 class WebhookChannel:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+from config import Pacing
 from stores.records import IdempotencyKey, Picture, TaskRecord
 
 
@@ -65,6 +66,35 @@ class Ledger(Protocol):
         """True at most once per `interval` seconds for a task: whoever gets it may ask the upstream."""
 
 
+class Queue(Protocol):
+    """Generations waiting for their turn at the upstream, paid nothing yet (CONTRACT §11). A task recorded as
+    QUEUED gets its turn from the store: the lanes (conversations) take turns, a lane's own tasks keep their order."""
+
+    def take_turns(
+        self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int
+    ) -> tuple[list[TaskRecord], float | None]:
+        """Up to `limit` queued tasks, in their turns, each given a key whose pacing allows a submission now;
+        from here on they are pending and followed by `follower`. Also when a key may allow one again
+        (None: not before a task ends or is queued)."""
+
+    def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
+        """A taken turn that was not used (the upstream was busy, or refused the key): the task is queued again
+        at its turn, and its key allows nothing until `hold_key_until`. False if it was not pending unsubmitted."""
+
+    def end_queued(self, record: TaskRecord) -> TaskRecord | None:
+        """End a task that is still queued (cancelled, or queued too long), with its delivery; None if it has
+        left the queue meanwhile."""
+
+    def queued_before(self, created_before: float, limit: int) -> list[TaskRecord]:
+        """Queued tasks recorded before that moment."""
+
+    def queue_position(self, record: TaskRecord) -> int | None:
+        """Where the task stands in the queue: 1 goes next; None when it is not queued."""
+
+    def queue_depth(self) -> int:
+        """How many tasks are queued."""
+
+
 class Outbox(Protocol):
     """Deliveries of ended tasks to where they asked (a webhook, a chat), at least once."""
 
@@ -106,7 +136,7 @@ class Seen(Protocol):
         """True the first time `key` is seen within `ttl` seconds (a Telegram update id, say), False after."""
 
 
-class Store(Chains, Ledger, Outbox, Followers, WakeUps, Seen, Protocol):
+class Store(Chains, Ledger, Queue, Outbox, Followers, WakeUps, Seen, Protocol):
     def ping(self) -> bool:
         """Whether the store answers now."""
 

@@ -16,16 +16,19 @@ CHAIN_LENGTH = 50  # pictures kept in a user's chain, the latest
 
 
 class TaskState(StrEnum):
-    """Where a generation stands. UNCONFIRMED: the submission's answer was lost, so nobody knows whether
-    the upstream made the picture; a late success may still end it."""
+    """Where a generation stands. QUEUED: waiting for its turn at the upstream, nothing paid (domain/queue.py);
+    PENDING: given to the upstream (or being given). UNCONFIRMED: the submission's answer was lost, so nobody
+    knows whether the upstream made the picture; a late success may still end it. CANCELLED: left the queue."""
 
+    QUEUED = "queued"
     PENDING = "pending"
     SUCCESS = "success"
     FAILED = "failed"
     UNCONFIRMED = "unconfirmed"
+    CANCELLED = "cancelled"
 
 
-SETTLED = (TaskState.SUCCESS, TaskState.FAILED)  # ends that never change
+SETTLED = (TaskState.SUCCESS, TaskState.FAILED, TaskState.CANCELLED)  # ends that never change
 
 
 class DeliveryState(StrEnum):
@@ -66,6 +69,13 @@ class TaskRecord:
     webhook_state: str | None = None  # the delivery's DeliveryState
     webhook_attempts: int = 0
     webhook_due: float | None = None  # when the next attempt may start (or the lease of one under way ends)
+    # What to make, besides the prompt and the source pictures, kept so that any process can submit it from the queue
+    model: str = "nano-banana"
+    aspect_ratio: str | None = None
+    resolution: str | None = None
+    num_images: int = 1
+    lane: str | None = None  # whose turn it is in the queue: the conversation, else the owner
+    turn: int = 0  # its turn in the queue (given by the store): lanes take turns, a lane's own tasks keep order
 
     @property
     def settled(self) -> bool:
@@ -102,8 +112,8 @@ class IdempotencyKey:
 TASK_FIELDS = tuple(field.name for field in fields(TaskRecord))
 _TUPLES = ("source_image_urls", "image_urls", "upstream_image_urls")
 _FLOATS = ("created_at", "submitted_at", "completed_at", "webhook_due")
-_INTEGERS = ("sequence", "webhook_attempts")  # 0 when missing
-_TEXTS_NEVER_NONE = ("owner", "follower")
+_INTEGERS = ("sequence", "webhook_attempts", "turn", "num_images")  # 0 when missing
+_TEXTS_NEVER_NONE = ("owner", "follower", "model")
 # Every store write and read of a task passes through these two, several times per generation: each is written
 # field group by field group rather than with a test per field, which halves its cost.
 

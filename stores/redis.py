@@ -19,7 +19,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from config import IDEMPOTENCY_TTL, TASK_TTL
+from config import IDEMPOTENCY_TTL, TASK_TTL, Pacing
 from errors import IdempotencyConflict, StoreUnavailable
 from stores.records import (
     CHAIN_LENGTH,
@@ -35,6 +35,7 @@ from stores.records import (
 from stores.wakeups import Waiters
 
 LUA_STATES = {
+    "queued": TaskState.QUEUED,
     "pending": TaskState.PENDING,
     "success": TaskState.SUCCESS,
     "unconfirmed": TaskState.UNCONFIRMED,
@@ -48,6 +49,11 @@ CONNECTION_WAIT = 5.0  # seconds a caller waits for a free connection before the
 # expire it, so that its pictures are still there to name: purges come once a minute.
 EXPIRE_AHEAD = 120.0
 PURGE_BATCH = 10_000  # conversations ended by one purge
+# The queue is a sorted set of members of one score, so in the order of their text: turn, then sequence.
+QUEUE_MEMBER = "%015d:%015d:%s"  # turn, sequence, task id; the same format in Lua's string.format
+_QUEUE_MEMBER_LUA = (
+    f"local function queue_member(turn, sequence, id) return string.format('{QUEUE_MEMBER}', turn, sequence, id) end"
+)
 
 # KEYS: task, sequence counter, followers, idempotency key (or the task again); ARGV: prefix, task id,
 # follower, first lease's end, keyed ("1"/""), fingerprint, task TTL, key TTL, then the task's fields.
@@ -55,7 +61,7 @@ _RECORD = """
 if ARGV[5] == '1' then
     local earlier = redis.call('HMGET', KEYS[4], 'task_id', 'fingerprint')
     if earlier[1] and redis.call('EXISTS', ARGV[1] .. 'task:' .. earlier[1]) == 1 then
-        return {earlier[1], earlier[2]}
+        return {earlier[1], earlier[2], '0'}
     end
     redis.call('HSET', KEYS[4], 'task_id', ARGV[2], 'fingerprint', ARGV[6])
     redis.call('EXPIRE', KEYS[4], ARGV[8])
@@ -63,10 +69,23 @@ end
 local sequence = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'sequence', sequence, unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+local turn = 0
+local queued = redis.call('HMGET', KEYS[1], 'state', 'lane', 'created_at')
+if queued[1] == '$queued' then
+    -- the lane's next turn: right after its last one, and never before the turn the queue has reached
+    local lane = ARGV[1] .. 'lane:' .. queued[2]
+    turn = tonumber(redis.call('GET', ARGV[1] .. 'turn')) or 0
+    local last = tonumber(redis.call('GET', lane))
+    if last and last + 1 > turn then turn = last + 1 end
+    redis.call('SET', lane, turn, 'EX', ARGV[7])
+    redis.call('HSET', KEYS[1], 'turn', turn)
+    redis.call('ZADD', ARGV[1] .. 'queue', 0, queue_member(turn, sequence, ARGV[2]))
+    redis.call('ZADD', ARGV[1] .. 'queued_at', queued[3], ARGV[2])
+end
 -- a follower new to the followers set gets a first lease; a known one keeps its own
 redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'following:' .. ARGV[3], ARGV[2])
-return {ARGV[2], tostring(sequence)}
+return {ARGV[2], tostring(sequence), tostring(turn)}
 """
 # KEYS: task; ARGV: prefix, history TTL, task TTL, now, the picture (JSON; "" unless a success), chain length,
 # then the ended task's field/value pairs. Written whole: a task whose record Redis lost (a restart without
@@ -77,8 +96,9 @@ if stored[1] and stored[1] ~= '$pending' and stored[1] ~= '$unconfirmed' then re
 redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local task = redis.call('HMGET', KEYS[1], 'task_id', 'follower', 'state', 'conversation', 'sequence',
-                        'upstream_task_id')
+                        'upstream_task_id', 'key_id')
 if stored[2] then redis.call('SREM', ARGV[1] .. 'following:' .. stored[2], task[1]) end
+if task[7] and task[7] ~= '' then redis.call('ZREM', ARGV[1] .. 'running:' .. task[7], task[1]) end
 redis.call('SREM', ARGV[1] .. 'following:' .. task[2], task[1])
 if task[6] and task[6] ~= '' then
     redis.call('SET', ARGV[1] .. 'upstream:' .. task[6], task[1], 'EX', ARGV[3])
@@ -104,6 +124,103 @@ _SUBMITTED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- lost with the store: the end writes it whole
 redis.call('HSET', KEYS[1], 'upstream_task_id', ARGV[1], 'key_id', ARGV[2], 'submitted_at', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+return 1
+"""
+# KEYS: queue, turn reached, followers; ARGV: prefix, follower, now, rate ("" off), spacing, max running ("" off),
+# limit, first lease's end, task TTL, then the usable key ids. Returns the ids taken, and when a key next allows one.
+_TAKE_TURNS = """
+local prefix, follower, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local rate, spacing, max_running, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local function allowances()
+    local keys, allowance, next_chance = {}, {}, nil
+    local function sooner(moment) if next_chance == nil or moment < next_chance then next_chance = moment end end
+    for i = 10, #ARGV do
+        local key_id, left = ARGV[i], limit
+        local held = tonumber(redis.call('GET', prefix .. 'hold:' .. key_id))
+        if held and held > now then
+            sooner(held)
+            left = 0
+        else
+            if rate then
+                local pace = prefix .. 'pace:' .. key_id
+                redis.call('ZREMRANGEBYSCORE', pace, '-inf', now - spacing)
+                local count = redis.call('ZCARD', pace)
+                if count >= rate then
+                    local opening = redis.call('ZRANGE', pace, count - rate, count - rate, 'WITHSCORES')
+                    sooner(tonumber(opening[2]) + spacing)
+                end
+                left = math.min(left, rate - count)
+            end
+            if max_running then
+                local running = prefix .. 'running:' .. key_id
+                redis.call('ZREMRANGEBYSCORE', running, '-inf', now - tonumber(ARGV[9]))
+                left = math.min(left, max_running - redis.call('ZCARD', running))
+            end
+        end
+        if left > 0 then table.insert(keys, key_id); allowance[key_id] = left end
+    end
+    return keys, allowance, next_chance
+end
+local keys, allowance, next_chance = allowances()
+local taken, reached, k = {}, tonumber(redis.call('GET', KEYS[2])) or 0, 0
+local members = #keys > 0 and redis.call('ZRANGE', KEYS[1], 0, limit - 1) or {}
+for _, member in ipairs(members) do
+    local chosen = nil
+    for _ = 1, #keys do
+        k = k % #keys + 1
+        if allowance[keys[k]] > 0 then chosen = keys[k]; break end
+    end
+    if not chosen then break end
+    local id = string.sub(member, 33)  -- after the turn and the sequence (QUEUE_MEMBER)
+    local task = prefix .. 'task:' .. id
+    redis.call('ZREM', KEYS[1], member)
+    redis.call('ZREM', prefix .. 'queued_at', id)
+    local stored = redis.call('HMGET', task, 'state', 'turn', 'follower')
+    if stored[1] == '$queued' then
+        allowance[chosen] = allowance[chosen] - 1
+        if stored[3] and stored[3] ~= '' then redis.call('SREM', prefix .. 'following:' .. stored[3], id) end
+        redis.call('HSET', task, 'state', '$pending', 'follower', follower, 'key_id', chosen)
+        redis.call('SADD', prefix .. 'following:' .. follower, id)
+        redis.call('ZADD', prefix .. 'running:' .. chosen, now, id)
+        if rate then
+            redis.call('ZADD', prefix .. 'pace:' .. chosen, now, ARGV[3] .. ':' .. id)
+            redis.call('EXPIRE', prefix .. 'pace:' .. chosen, math.ceil(spacing) + 1)
+        end
+        reached = math.max(reached, tonumber(stored[2]))
+        table.insert(taken, id)
+    end
+end
+if #taken > 0 then
+    redis.call('SET', KEYS[2], reached)
+    redis.call('ZADD', KEYS[3], 'NX', ARGV[8], follower)
+    keys, allowance, next_chance = allowances()
+end
+return {taken, next_chance and tostring(next_chance) or ''}
+"""
+# KEYS: task, queue, queued_at; ARGV: prefix, task id, key held until ("" not held), milliseconds it is held
+_REQUEUE = """
+local t = redis.call('HMGET', KEYS[1], 'state', 'upstream_task_id', 'key_id', 'follower', 'turn', 'sequence',
+                     'created_at')
+if t[1] ~= '$pending' or (t[2] and t[2] ~= '') then return 0 end
+redis.call('HSET', KEYS[1], 'state', '$queued', 'key_id', '', 'follower', '')
+if t[3] and t[3] ~= '' then
+    redis.call('ZREM', ARGV[1] .. 'running:' .. t[3], ARGV[2])
+    if ARGV[3] ~= '' then redis.call('SET', ARGV[1] .. 'hold:' .. t[3], ARGV[3], 'PX', ARGV[4]) end
+end
+if t[4] and t[4] ~= '' then redis.call('SREM', ARGV[1] .. 'following:' .. t[4], ARGV[2]) end
+redis.call('ZADD', KEYS[2], 0, queue_member(tonumber(t[5]), tonumber(t[6]), ARGV[2]))
+redis.call('ZADD', KEYS[3], t[7], ARGV[2])
+return 1
+"""
+# KEYS: task, queue, queued_at, webhooks; ARGV: task id, then the ended task's field/value pairs
+_END_QUEUED = """
+local t = redis.call('HMGET', KEYS[1], 'state', 'turn', 'sequence', 'follower')
+if t[1] ~= '$queued' then return 0 end
+redis.call('ZREM', KEYS[2], queue_member(tonumber(t[2]), tonumber(t[3]), ARGV[1]))
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local webhook = redis.call('HMGET', KEYS[1], 'webhook_state', 'webhook_due')
+if webhook[1] == '$delivery_pending' then redis.call('ZADD', KEYS[4], webhook[2], ARGV[1]) end
 return 1
 """
 # KEYS: webhooks (a sorted set of task ids by when they are due); ARGV: prefix, now, lease end, limit
@@ -206,6 +323,9 @@ class RedisStore:
         self._take_over = self._script(_TAKE_OVER)
         self._due_deliveries = self._script(_DUE_DELIVERIES)
         self._delivery_attempted = self._script(_DELIVERY_ATTEMPTED)
+        self._take_turns = self._script(_TAKE_TURNS)
+        self._requeue = self._script(_REQUEUE)
+        self._end_queued = self._script(_END_QUEUED)
         self._waiters = Waiters()
         self._subscriber: threading.Thread | None = None
         self._subscriber_lock = threading.Lock()
@@ -245,9 +365,9 @@ class RedisStore:
         del values["sequence"]
         args = [self.prefix, record.task_id, record.follower, self.clock() + FOLLOWER_LEASE, "1" if key else ""]
         args += [key.fingerprint if key else "", TASK_TTL, IDEMPOTENCY_TTL, *_pairs(values)]
-        task_id, detail = self._call(self._record, keys=keys, args=args)
+        task_id, detail, turn = self._call(self._record, keys=keys, args=args)
         if task_id == record.task_id:
-            return replace(record, sequence=int(detail)), True
+            return replace(record, sequence=int(detail), turn=int(turn)), True
         if key is None or detail != key.fingerprint:
             raise IdempotencyConflict()
         earlier = self.task(task_id)
@@ -291,6 +411,44 @@ class RedisStore:
 
     def first_time(self, key: str, ttl: float) -> bool:
         return bool(self._call(self.redis.set, self._key("seen:", key), 1, nx=True, px=max(1, int(ttl * 1000))))
+
+    # -- the queue ---------------------------------------------------------------------------
+
+    def take_turns(
+        self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int
+    ) -> tuple[list[TaskRecord], float | None]:
+        keys = [self._key("queue"), self._key("turn"), self._key("followers")]
+        off = ""
+        args = [self.prefix, follower, repr(now), off if pacing.rate is None else pacing.rate, pacing.spacing]
+        args += [off if pacing.max_running is None else pacing.max_running, limit, now + FOLLOWER_LEASE, TASK_TTL]
+        taken, next_chance = self._call(self._take_turns, keys=keys, args=[*args, *key_ids])
+        return self._records(taken), float(next_chance) if next_chance else None
+
+    def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
+        keys = [self._key("task:", task_id), self._key("queue"), self._key("queued_at")]
+        held = "" if hold_key_until is None else hold_key_until
+        milliseconds = 1 if hold_key_until is None else max(1, int((hold_key_until - self.clock()) * 1000))
+        return bool(self._call(self._requeue, keys=keys, args=[self.prefix, task_id, held, milliseconds]))
+
+    def end_queued(self, record: TaskRecord) -> TaskRecord | None:
+        keys = [self._key("task:", record.task_id), self._key("queue"), self._key("queued_at"), self._key("webhooks")]
+        values = task_fields(record)
+        del values["sequence"], values["turn"]
+        if not self._call(self._end_queued, keys=keys, args=[record.task_id, *_pairs(values)]):
+            return None
+        return self.task(record.task_id)
+
+    def queued_before(self, created_before: float, limit: int) -> list[TaskRecord]:
+        ids = self._call(self.redis.zrangebyscore, self._key("queued_at"), "-inf", f"({created_before!r}", 0, limit)
+        return self._records(ids)
+
+    def queue_position(self, record: TaskRecord) -> int | None:
+        member = QUEUE_MEMBER % (record.turn, record.sequence, record.task_id)
+        rank = self._call(self.redis.zrank, self._key("queue"), member)
+        return None if rank is None else rank + 1
+
+    def queue_depth(self) -> int:
+        return self._call(self.redis.zcard, self._key("queue"))
 
     # -- webhooks to callers ------------------------------------------------------------------
 
@@ -379,7 +537,7 @@ class RedisStore:
 
     def _script(self, lua: str):
         """A Lua script with the states written in ($pending, ...), registered with Redis."""
-        return self.redis.register_script(string.Template(lua).substitute(LUA_STATES))
+        return self.redis.register_script(_QUEUE_MEMBER_LUA + "\n" + string.Template(lua).substitute(LUA_STATES))
 
     def _key(self, kind: str, name: str = "") -> str:
         return self.prefix + kind + name

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
-from config import IDEMPOTENCY_TTL, TASK_TTL
+from config import IDEMPOTENCY_TTL, TASK_TTL, Pacing
 from errors import IdempotencyConflict, StoreUnavailable
 from stores.records import (
     CHAIN_LENGTH,
@@ -111,10 +111,27 @@ MIGRATIONS = (
     """
     ALTER TABLE tasks RENAME COLUMN callback_url TO deliver_to;  -- "callback" is the upstream's call to us
     """,
+    """
+    ALTER TABLE tasks ADD COLUMN model TEXT NOT NULL DEFAULT 'nano-banana';
+    ALTER TABLE tasks ADD COLUMN aspect_ratio TEXT;
+    ALTER TABLE tasks ADD COLUMN resolution TEXT;
+    ALTER TABLE tasks ADD COLUMN num_images INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tasks ADD COLUMN lane TEXT;
+    ALTER TABLE tasks ADD COLUMN turn INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX tasks_queue ON tasks (turn, sequence) WHERE state = 'queued';
+    CREATE INDEX tasks_running ON tasks (key_id) WHERE state = 'pending';
+    CREATE TABLE lanes (lane TEXT PRIMARY KEY, turn INTEGER NOT NULL);  -- the last turn given to each lane
+    CREATE TABLE turns (current INTEGER NOT NULL);  -- one row: the turn of the last task taken from the queue
+    INSERT INTO turns VALUES (0);
+    CREATE TABLE submissions (key_id TEXT NOT NULL, at REAL NOT NULL);  -- recent turns taken, per key
+    CREATE INDEX submissions_key ON submissions (key_id, at);
+    CREATE TABLE key_holds (key_id TEXT PRIMARY KEY, until REAL NOT NULL);  -- a key the upstream found busy
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
 
+_FOLLOWED = f"('{TaskState.QUEUED}', '{TaskState.PENDING}')"  # states kept until they end
 _COLUMNS = ", ".join(TASK_FIELDS)
 _PLACEHOLDERS = ", ".join(f":{name}" for name in TASK_FIELDS)
 _SETTLE = ", ".join(f"{name} = excluded.{name}" for name in TASK_FIELDS if name not in ("task_id", "sequence"))
@@ -223,13 +240,15 @@ class SqliteStore:
                 )
             values = task_fields(record)
             del values["sequence"]
+            if record.state == TaskState.QUEUED:
+                values["turn"] = self._next_turn(db, record.lane)
             columns = ", ".join(values)
             placeholders = ", ".join(f":{name}" for name in values)
             sequence = db.execute(f"INSERT INTO tasks ({columns}) VALUES ({placeholders})", values).lastrowid
             db.execute(
                 "INSERT OR IGNORE INTO followers VALUES (?, ?)", (record.follower, self.clock() + FOLLOWER_LEASE)
             )
-        return replace(record, sequence=sequence), True
+        return replace(record, sequence=sequence, turn=values["turn"]), True
 
     def keyed_task(self, key: IdempotencyKey) -> TaskRecord | None:
         with self._lock, _unavailable_on_error():
@@ -279,6 +298,119 @@ class SqliteStore:
         with self._transaction() as db:
             db.execute("DELETE FROM seen WHERE key = ? AND until <= ?", (key, now))
             return db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, now + ttl)).rowcount == 1
+
+    # -- the queue ---------------------------------------------------------------------------
+
+    def take_turns(
+        self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int
+    ) -> tuple[list[TaskRecord], float | None]:
+        with self._transaction() as db:
+            allowance, next_chance = self._allowances(db, now, pacing, key_ids, limit)
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE state = '{TaskState.QUEUED}' ORDER BY turn, sequence LIMIT ?",
+                (min(limit, sum(allowance.values())),),
+            ).fetchall()
+            taken = [
+                task_record({**row, "state": TaskState.PENDING, "follower": follower, "key_id": key_id})
+                for row, key_id in zip(rows, _turns_of_keys(allowance), strict=False)
+            ]
+            db.executemany(
+                f"UPDATE tasks SET state = '{TaskState.PENDING}', follower = ?, key_id = ? WHERE task_id = ?",
+                [(follower, record.key_id, record.task_id) for record in taken],
+            )
+            if pacing.rate is not None:
+                db.executemany("INSERT INTO submissions VALUES (?, ?)", [(record.key_id, now) for record in taken])
+            if taken:
+                db.execute("UPDATE turns SET current = max(current, ?)", (max(record.turn for record in taken),))
+                db.execute("INSERT OR IGNORE INTO followers VALUES (?, ?)", (follower, now + FOLLOWER_LEASE))
+                next_chance = self._allowances(db, now, pacing, key_ids, limit)[1]
+        return taken, next_chance
+
+    def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
+        with self._transaction() as db:
+            taken = db.execute(
+                f"SELECT key_id FROM tasks WHERE task_id = ? AND state = '{TaskState.PENDING}' "
+                "AND upstream_task_id IS NULL",
+                (task_id,),
+            ).fetchone()
+            if taken is None:
+                return False
+            db.execute(
+                f"UPDATE tasks SET state = '{TaskState.QUEUED}', key_id = NULL, follower = '' WHERE task_id = ?",
+                (task_id,),
+            )
+            if taken["key_id"] is not None and hold_key_until is not None:
+                db.execute("INSERT OR REPLACE INTO key_holds VALUES (?, ?)", (taken["key_id"], hold_key_until))
+        return True
+
+    def end_queued(self, record: TaskRecord) -> TaskRecord | None:
+        values = task_fields(record)
+        del values["sequence"], values["turn"]
+        settings = ", ".join(f"{name} = :{name}" for name in values if name != "task_id")
+        row = self._one(
+            f"UPDATE tasks SET {settings} WHERE task_id = :task_id AND state = '{TaskState.QUEUED}' "
+            f"RETURNING {_COLUMNS}",
+            values,
+        )
+        return task_record(row) if row else None
+
+    def queued_before(self, created_before: float, limit: int) -> list[TaskRecord]:
+        with self._lock, _unavailable_on_error():
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE state = '{TaskState.QUEUED}' AND created_at < ? "
+                "ORDER BY turn, sequence LIMIT ?",
+                (created_before, limit),
+            ).fetchall()
+        return [task_record(row) for row in rows]
+
+    def queue_position(self, record: TaskRecord) -> int | None:
+        row = self._one(
+            f"SELECT (SELECT count(*) FROM tasks WHERE state = '{TaskState.QUEUED}' AND "
+            "(turn < t.turn OR (turn = t.turn AND sequence < t.sequence))) + 1 AS position "
+            f"FROM tasks t WHERE t.task_id = ? AND t.state = '{TaskState.QUEUED}'",
+            (record.task_id,),
+        )
+        return row["position"] if row else None
+
+    def queue_depth(self) -> int:
+        return self._one(f"SELECT count(*) AS depth FROM tasks WHERE state = '{TaskState.QUEUED}'", ())["depth"]
+
+    def _next_turn(self, db: sqlite3.Connection, lane: str | None) -> int:
+        """The lane's next turn: right after its last one, and never before the turn the queue has reached."""
+        current = db.execute("SELECT current FROM turns").fetchone()["current"]
+        last = db.execute("SELECT turn FROM lanes WHERE lane = ?", (lane,)).fetchone()
+        turn = max(current, last["turn"] + 1) if last else current
+        db.execute("INSERT OR REPLACE INTO lanes VALUES (?, ?)", (lane, turn))
+        return turn
+
+    def _allowances(
+        self, db: sqlite3.Connection, now: float, pacing: Pacing, key_ids: list[str], limit: int
+    ) -> tuple[dict[str, int], float | None]:
+        """How many turns each key allows now, and the earliest moment a key that allows none may allow one."""
+        holds = {row["key_id"]: row["until"] for row in db.execute("SELECT * FROM key_holds WHERE until > ?", (now,))}
+        allowance, chances = {}, []
+        db.execute("DELETE FROM submissions WHERE at <= ?", (now - pacing.spacing,))
+        for key_id in key_ids:
+            if key_id in holds:
+                chances.append(holds[key_id])
+                continue
+            left = limit
+            if pacing.rate is not None:
+                recent = [
+                    row["at"]
+                    for row in db.execute("SELECT at FROM submissions WHERE key_id = ? ORDER BY at", (key_id,))
+                ]
+                left = min(left, pacing.rate - len(recent))
+                if left <= 0:
+                    chances.append(recent[len(recent) - pacing.rate] + pacing.spacing)
+            if pacing.max_running is not None:
+                running = db.execute(
+                    f"SELECT count(*) AS n FROM tasks WHERE state = '{TaskState.PENDING}' AND key_id = ?", (key_id,)
+                ).fetchone()["n"]
+                left = min(left, pacing.max_running - running)
+            if left > 0:
+                allowance[key_id] = left
+        return allowance, min(chances, default=None)
 
     # -- webhooks to callers ------------------------------------------------------------------
 
@@ -343,7 +475,9 @@ class SqliteStore:
     def purge(self, now: float) -> list[Picture]:
         """Drop what has outlived its time, and the least recently updated users beyond the limit."""
         with self._transaction() as db:
-            db.execute(f"DELETE FROM tasks WHERE created_at < ? AND state != '{TaskState.PENDING}'", (now - TASK_TTL,))
+            db.execute(f"DELETE FROM tasks WHERE created_at < ? AND state NOT IN {_FOLLOWED}", (now - TASK_TTL,))
+            db.execute("DELETE FROM lanes WHERE turn < (SELECT current FROM turns)")
+            db.execute("DELETE FROM key_holds WHERE until <= ?", (now,))
             db.execute("DELETE FROM tasks WHERE created_at < ?", (now - 2 * TASK_TTL,))
             db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))
             db.execute("DELETE FROM seen WHERE until <= ?", (now,))
@@ -400,6 +534,17 @@ class SqliteStore:
     def _one(self, sql: str, parameters: tuple) -> sqlite3.Row | None:
         with self._lock, _unavailable_on_error():
             return self._db.execute(sql, parameters).fetchone()
+
+
+def _turns_of_keys(allowance: dict[str, int]):
+    """Keys for successive turns, taking the keys in rotation, each as often as its allowance says."""
+    left = dict(allowance)
+    while left:
+        for key_id in list(left):
+            yield key_id
+            left[key_id] -= 1
+            if not left[key_id]:
+                del left[key_id]
 
 
 def open_database(path: str) -> sqlite3.Connection:

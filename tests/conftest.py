@@ -15,6 +15,9 @@ from requests.structures import CaseInsensitiveDict
 
 from app import create_app, start_background, stop_background
 from config import Settings
+from stores.interface import Store
+from stores.redis import RedisStore
+from stores.sqlite import SqliteStore
 from tests.helpers import SERVED_KEY, Served, emulated_upstream
 from tools.emulator import Upstream, create_emulator
 from tools.processes import RedisServer, free_port, serving
@@ -124,6 +127,8 @@ def settings() -> Settings:
         poll_max_attempts=150,
         submit_retry_backoff=0.01,
         database_path=":memory:",
+        upstream_rate=None,  # the emulator has no limits unless a test gives it some (tests/test_queue.py)
+        upstream_max_running=None,
     )
 
 
@@ -173,3 +178,24 @@ def serve_app(make_app, served_upstream):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def sqlite_store(clock, tmp_path) -> SqliteStore:
+    store = SqliteStore(str(tmp_path / "store.sqlite3"), history_ttl=3600, max_users=3, clock=clock)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def redis_store(redis_server, clock):
+    store = RedisStore(redis_server.url, history_ttl=3600, clock=clock)
+    store.redis.flushdb()
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
+def store(request) -> Store:
+    """The behaviour every store shares, checked on each of them."""
+    return request.getfixturevalue(f"{request.param}_store")

@@ -25,12 +25,15 @@ def emulated_upstream(**options) -> Iterator[Upstream]:
 
 
 def served_environ(upstream: Upstream, **extra: str) -> dict[str, str]:
-    """A service's environment with the emulator `upstream`: its key, quick polls, no rate limit, and `extra`."""
+    """A service's environment with the emulator `upstream`: its key, quick polls, no rate limit, no pacing of the
+    upstream (the emulator has no limits unless a test gives it some), and `extra`."""
     return {
         "API_KEYS_1": SERVED_KEY,
         "NANOBANANA_API_BASE": upstream.url,
         "POLL_INTERVAL": "0.1",
         "RATE_LIMIT": "off",
+        "UPSTREAM_RATE": "off",
+        "UPSTREAM_MAX_RUNNING": "off",
         **extra,
     }
 

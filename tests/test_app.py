@@ -264,8 +264,6 @@ def test_no_key_with_credits_is_503_with_retry_after(client, emulated):
 @pytest.mark.parametrize(
     "marker, status, code",
     [
-        ("[submit-code=429]", 503, "upstream_unavailable"),
-        ("[submit-http=503]", 503, "upstream_unavailable"),
         ("[submit-code=500]", 502, "upstream_error"),
         ("[submit-http=502]", 502, "upstream_error"),
         ("[submit-code=505]", 502, "upstream_error"),

@@ -12,11 +12,13 @@ from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
     MAX_POLL_GAP,
     Generation,
+    KeyRefused,
     NanoBananaClient,
     NanoBananaError,
     SubmissionUncertain,
     Task,
     TaskStatus,
+    UpstreamBusy,
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
@@ -131,19 +133,27 @@ def test_model_2_sends_empty_image_list_for_text_to_image(client, mocked):
 @pytest.mark.parametrize("code", [401, 402, 433])
 def test_refused_key_is_set_aside_and_next_key_used(client, mocked, fake_time, code):
     mocked.post(GENERATE, json={"code": code, "msg": "Credits insufficient"})
+    with pytest.raises(KeyRefused):
+        client.submit(Generation(prompt="a"))
     mocked.post(GENERATE, json=ACCEPTED)
-    mocked.post(GENERATE, json=ACCEPTED)
-    assert client.submit(Generation(prompt="a")).key_number == 2
     assert client.submit(Generation(prompt="b")).key_number == 2  # key 1 is not asked again
     keys_used = [call.request.headers["Authorization"] for call in upstream_calls(mocked)]
-    assert keys_used == ["Bearer key-one", "Bearer key-two", "Bearer key-two"]
+    assert keys_used == ["Bearer key-one", "Bearer key-two"]
     fake_time.now += 601
-    mocked.post(GENERATE, json=ACCEPTED)
     assert client.submit(Generation(prompt="c")).key_number == 1
+
+
+def test_the_key_asked_for_is_used(client, mocked):
+    mocked.post(GENERATE, json=ACCEPTED)
+    assert client.submit(Generation(prompt="a"), key_number=2).key_number == 2
+    assert upstream_calls(mocked)[0].request.headers["Authorization"] == "Bearer key-two"
 
 
 def test_no_usable_key_is_unavailable(client, mocked):
     mocked.post(GENERATE, json={"code": 402, "msg": "Credits insufficient"})
+    for _ in range(2):
+        with pytest.raises(KeyRefused):
+            client.submit(Generation(prompt="a"))
     with pytest.raises(UpstreamUnavailable, match="out of credits") as caught:
         client.submit(Generation(prompt="a"))
     assert len(upstream_calls(mocked)) == 2
@@ -151,9 +161,9 @@ def test_no_usable_key_is_unavailable(client, mocked):
 
 
 def test_http_status_error_with_code_in_body_is_read_from_body(client, mocked):
-    mocked.post(GENERATE, json={"code": 401, "msg": "bad key"}, status=401)
-    mocked.post(GENERATE, json=ACCEPTED)
-    assert client.submit(Generation(prompt="a")).key_number == 2
+    mocked.post(GENERATE, json={"code": 401, "msg": "bad key"}, status=200)
+    with pytest.raises(KeyRefused):
+        client.submit(Generation(prompt="a"))
 
 
 # -- submit: retries only when nothing was created ------------------------------------
@@ -162,8 +172,6 @@ def test_http_status_error_with_code_in_body_is_read_from_body(client, mocked):
 @pytest.mark.parametrize(
     "failure",
     [
-        {"json": {"code": 429, "msg": "too many requests"}},
-        {"json": {"code": 455, "msg": "service unavailable"}},
         {"json": {"code": 500, "msg": "server error"}},
         {"body": "<html>502 Bad Gateway</html>", "status": 502},
         {"body": refused_connection()},
@@ -180,10 +188,25 @@ def test_submission_is_retried_when_certainly_not_created(client, mocked, fake_t
 
 
 def test_retries_stop_after_two(client, mocked):
-    mocked.post(GENERATE, json={"code": 429, "msg": "slow down"}, headers={"Retry-After": "3"})
-    with pytest.raises(UpstreamUnavailable) as caught:
+    mocked.post(GENERATE, json={"code": 500, "msg": "server error"})
+    with pytest.raises(UpstreamError, match="500"):
         client.submit(Generation(prompt="a"))
     assert len(upstream_calls(mocked)) == 3
+
+
+@pytest.mark.parametrize(
+    "answer", [{"code": 429, "status": 200}, {"code": 455, "status": 200}, {"code": 503, "status": 503}]
+)
+def test_a_busy_upstream_is_not_retried_but_said_with_its_retry_after(client, mocked, fake_time, answer):
+    mocked.post(
+        GENERATE,
+        json={"code": answer["code"], "msg": "slow down"},
+        status=answer["status"],
+        headers={"Retry-After": "3"},
+    )
+    with pytest.raises(UpstreamBusy) as caught:
+        client.submit(Generation(prompt="a"))
+    assert len(upstream_calls(mocked)) == 1 and fake_time.sleeps == []
     assert caught.value.retry_after == 3
 
 

@@ -16,27 +16,6 @@ from stores.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore, open_database
 from tools.processes import wait_until
 
 
-@pytest.fixture
-def sqlite_store(clock, tmp_path) -> SqliteStore:
-    store = SqliteStore(str(tmp_path / "store.sqlite3"), history_ttl=3600, max_users=3, clock=clock)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def redis_store(redis_server, clock):
-    store = RedisStore(redis_server.url, history_ttl=3600, clock=clock)
-    store.redis.flushdb()
-    yield store
-    store.close()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
-def store(request) -> Store:
-    """The behaviour every store shares, checked on each of them."""
-    return request.getfixturevalue(f"{request.param}_store")
-
-
 def new_task(store: Store, task_id: str, user_id: str | None = "alice", follower: str = "worker-a") -> TaskRecord:
     record, created = store.record_task(draft(store, task_id, user_id, follower))
     assert created

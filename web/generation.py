@@ -28,9 +28,10 @@ def generate():
         idempotency_header=request.headers.get("Idempotency-Key"),
         prefer_header=request.headers.get("Prefer"),
     )
+    lifecycle = parts().lifecycle
     with parts().metrics.in_flight.track_inprogress():
-        record = parts().lifecycle.generate(wanted, g.owner)
-    response = render_task(record, elapsed=time.monotonic() - g.started)
+        record = lifecycle.generate(wanted, g.owner)
+    response = render_task(record, time.monotonic() - g.started, lifecycle.queue_position(record))
     if wanted.preference_applied:
         response.headers["Preference-Applied"] = wanted.preference_applied
     return response
@@ -39,10 +40,21 @@ def generate():
 @bp.get("/nanobanana/tasks/<task_id>")
 def task_status(task_id: str):
     g.response_format = parse_format(request_values())
-    record = parts().lifecycle.task(task_id, g.owner)
+    lifecycle = parts().lifecycle
+    record = lifecycle.task(task_id, g.owner)
     if record is None:
         raise UnknownTask()
-    return render_task(record, elapsed=(record.completed_at or time.time()) - record.created_at)
+    elapsed = (record.completed_at or time.time()) - record.created_at
+    return render_task(record, elapsed, lifecycle.queue_position(record))
+
+
+@bp.delete("/nanobanana/tasks/<task_id>")
+def cancel_task(task_id: str):
+    """Cancel a queued task: it is never submitted (CONTRACT §11)."""
+    record = parts().lifecycle.cancel(task_id, g.owner)
+    if record is None:
+        raise UnknownTask()
+    return {"status": "cancelled", "task_id": record.task_id}
 
 
 @bp.post("/nanobanana/callback")

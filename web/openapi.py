@@ -78,6 +78,10 @@ TASK_RESPONSES = {
         "content": {JSON: {"schema": ref("Pending")}, TEXT: {"schema": STRING}},
     },
     "302": {"description": "format=redirect: the picture", "headers": LOCATION},
+    "410": {
+        "description": "The task was cancelled before it was submitted",
+        "content": {JSON: {"schema": ref("Cancelled")}, TEXT: {"schema": STRING}},
+    },
     "502": {
         "description": "The generation failed, or the upstream answered something unusable",
         "content": {JSON: {"schema": {"oneOf": [ref("Failed"), ref("Error")]}}, TEXT: {"schema": STRING}},
@@ -203,9 +207,28 @@ SCHEMAS = {
             "status": {"const": "pending"},
             "task_id": STRING,
             "upstream_task_id": UPSTREAM_TASK_ID,
+            "queue_position": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "description": "While it waits for its turn at the image service: 1 goes next; null once submitted",
+            },
             "webhook": WEBHOOK,
             "status_url": STRING,
             "message": STRING,
+        },
+    },
+    "Cancelled": {
+        "type": "object",
+        "required": ["status", "task_id"],
+        "properties": {
+            "status": {"const": "cancelled"},
+            "task_id": STRING,
+            "upstream_task_id": {"type": "null"},
+            "webhook": WEBHOOK,
+            "error": {
+                "type": "object",
+                "properties": {"code": {"const": "cancelled"}, "message": STRING},
+            },
         },
     },
     "Failed": {
@@ -360,7 +383,20 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 ],
                 "security": guarded,
                 "responses": TASK_RESPONSES,
-            }
+            },
+            "delete": {
+                "summary": "Cancel a task still waiting in the queue: it is never submitted, nothing is paid",
+                "operationId": "cancelTask",
+                "parameters": [
+                    {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+                ],
+                "security": guarded,
+                "responses": {
+                    "200": json_response("Cancelled", ref("Cancelled")),
+                    "409": error_response("Already submitted: it can no longer be cancelled"),
+                    **COMMON_ERRORS,
+                },
+            },
         },
         "/nanobanana/history/{user_id}": {
             "get": {

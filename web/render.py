@@ -10,14 +10,14 @@ from domain.answers import task_answer
 from stores.records import Picture, TaskRecord, TaskState
 
 
-def render_task(record: TaskRecord, elapsed: float):
-    """The answer for a task: 200 with its pictures, 202 while pending, 502 when it failed."""
+def render_task(record: TaskRecord, elapsed: float, queue_position: int | None = None):
+    """The answer for a task (domain/answers.py) as JSON, text or a redirect; a waiting one says where to look."""
     fmt = g.get("response_format", "json")
     g.task_id = record.task_id
     status_url = None
-    if record.state == TaskState.PENDING:
+    if record.state in (TaskState.QUEUED, TaskState.PENDING):
         status_url = url_for("generation.task_status", task_id=record.task_id, _external=True)
-    status, body = task_answer(record, elapsed, status_url)
+    status, body = task_answer(record, elapsed, status_url, queue_position)
     if fmt == "redirect" and status == 200:
         return redirect(record.image_urls[0], code=302)
     if fmt == "text":
