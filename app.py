@@ -93,7 +93,9 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
         webhooks = WebhookChannel(settings, webhook_session)
         channels.update(dict.fromkeys(SCHEMES, webhooks))
     deliveries = Deliveries(settings, store, background, channels, on_outcome=metrics.webhook_outcome)
-    lifecycle = Lifecycle(settings, client, store, conversations, deliveries, background, media)
+    lifecycle = Lifecycle(
+        settings, client, store, conversations, deliveries, background, media, waited_in_queue=metrics.waited_in_queue
+    )
     return Parts(
         settings=settings,
         client=client,

@@ -16,12 +16,14 @@ import io
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import requests
 
 from background import Background
 from config import Settings
+from domain.answers import ordinal
 from domain.conversations import Conversations, conversation_key
 from domain.lifecycle import Lifecycle
 from domain.media import Media
@@ -54,6 +56,8 @@ NEEDS_MEDIA = (
 )
 NEEDS_CAPTION = "Please send the photo again with a caption that says how to change it."
 LIMITED = "That is a lot of pictures in a short time. Please wait a minute, then try again."
+IN_LINE_AFTER = 2.0  # seconds after which a picture still waiting for its turn is said to be in line
+IN_LINE = "Many pictures are being made right now: yours is {place} in line. I will send it here when it is ready."
 
 
 class NotFromTelegram(Unauthorized):
@@ -239,7 +243,12 @@ class TelegramBot:
         showing = threading.Event()
         self.background.spawn(self._show_progress, chat_id, showing)
         try:
-            self.lifecycle.generate(wanted, OWNER, deliver_to=f"{SCHEME}:{chat_id}:{message_id}")
+            glance = replace(wanted, wait=min(wanted.wait, IN_LINE_AFTER))
+            record = self.lifecycle.generate(glance, OWNER, deliver_to=f"{SCHEME}:{chat_id}:{message_id}")
+            position = self.lifecycle.queue_position(record)
+            if position:
+                self._say(chat_id, message_id, IN_LINE.format(place=ordinal(position)))
+            self.lifecycle.wait(record, wanted.wait - glance.wait)  # "sending a photo" shows meanwhile
         except StoreUnavailable:
             self._say(chat_id, message_id, "I cannot make pictures right now. Please try again in a minute.")
         except Exception as failure:  # refused after it was recorded: deliver() tells the chat why

@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from background import Background
@@ -107,7 +108,9 @@ class Lifecycle:
         deliveries: Deliveries,
         background: Background,
         media: Media | None = None,
+        waited_in_queue: Callable[[float], None] = lambda seconds: None,
     ):
+        """`waited_in_queue(seconds)` hears how long each task waited for its turn (for metrics)."""
         self.settings = settings
         self.client = client
         self.store = store
@@ -115,6 +118,7 @@ class Lifecycle:
         self.deliveries = deliveries
         self.background = background
         self.media = media  # where lasting copies of finished pictures go; None: the upstream's addresses stay
+        self.waited_in_queue = waited_in_queue
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.polls: PollSchedule[Following | Watch] = PollSchedule(background, self._when_due, _is_over)
         self.keeper = Keeper(store, self.follower_id, self._take_over, background, conversations.drop_copies)
@@ -177,6 +181,10 @@ class Lifecycle:
         )
         following = self._wait_in_line(record, key) if new else None
         return self._await(record, deadline, following)
+
+    def wait(self, record: TaskRecord, seconds: float) -> TaskRecord:
+        """Wait up to `seconds` more for a task to end; the task as it stands then."""
+        return self._await(record, time.monotonic() + seconds)
 
     def cancel(self, task_id: str, owner: str = "") -> TaskRecord | None:
         """Cancel a queued task of this owner (it is never submitted); AlreadySubmitted once it has left the queue."""
@@ -306,6 +314,7 @@ class Lifecycle:
     def _take_turn(self, record: TaskRecord) -> None:
         """The dispatcher took this task's turn: submit it, apart from the dispatcher (a hung submission must hold
         up nobody). A process that is stopping puts it back, for another to submit."""
+        self.waited_in_queue(time.time() - record.created_at)
         following = self._own(record)
         if following is None or not self.background.spawn(self._submit, following):
             log.info("task %s goes back to the queue: this process is stopping", record.task_id)

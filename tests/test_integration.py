@@ -32,6 +32,7 @@ def service(upstream, tmp_path_factory):
         "NANOBANANA_API_BASE": upstream.url,
         "POLL_INTERVAL": "0.05",
         "POLL_MAX_ATTEMPTS": "20",
+        "UPSTREAM_RATE": "off",  # this emulator has no limits (tests/test_queue*.py give it some)
     }
     running = Service(environ, tmp_path_factory.mktemp("logs") / "service.log").wait_ready()
     yield running

@@ -110,7 +110,9 @@ def test_a_full_queue_is_a_clear_503_and_nothing_is_recorded(make_app, upstream)
     full = generate(app, prompt="one too many", wait="0")
     assert full.status_code == 503 and full.json["error"]["code"] == "upstream_unavailable"
     assert int(full.headers["Retry-After"]) > 0 and "Nothing was started" in full.json["error"]["message"]
-    assert app.extensions["nanobanana"].store.queue_depth() == 2
+    metrics = app.test_client().get("/metrics").text
+    assert "nanobanana_queue_depth 2.0" in metrics
+    assert "nanobanana_queued_seconds_count 1.0" in metrics  # only the first has had its turn
 
 
 def test_a_task_queued_too_long_fails_saying_nothing_was_paid(make_app, upstream):

@@ -12,7 +12,7 @@ import pytest
 import requests
 from flask import Flask, Response, request
 
-from channels.telegram import CAPTION_LIMIT, HELP, LIMITED, NEEDS_MEDIA
+from channels.telegram import CAPTION_LIMIT, HELP, IN_LINE, LIMITED, NEEDS_MEDIA
 from tests.helpers import served_environ
 from tools.processes import Service, free_port, serving, wait_until
 
@@ -244,3 +244,14 @@ def task_with_or_none(served_upstream, words: str):
         return task_with(served_upstream, words)
     except StopIteration:
         return None
+
+
+def test_a_picture_waiting_its_turn_says_where_it_is_in_line_then_comes(serve_app, bot_api, tmp_path):
+    paced = serve_app(public=True, upstream_rate=(1, 4.0), **bot_settings(bot_api))
+    first_chat, second_chat = next(chat_ids), next(chat_ids)
+    send(paced, first_chat, "the first picture")
+    photos(bot_api, first_chat, 1)
+    send(paced, second_chat, "a picture that waits its turn")
+    assert messages(bot_api, second_chat) == [IN_LINE.format(place="1st")]
+    assert photos(bot_api, second_chat, 1)[0]["caption"] == "a picture that waits its turn"
+    assert bot_api.to_chat(first_chat, "sendMessage") == []  # no line, nothing said

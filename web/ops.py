@@ -48,7 +48,7 @@ def credits():
 
 @bp.get("/metrics")
 def metrics():
-    return telemetry.exposition(parts().metrics)
+    return telemetry.exposition(parts().metrics, parts().store.queue_depth)
 
 
 @bp.get("/openapi.json", endpoint="openapi")

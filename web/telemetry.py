@@ -10,15 +10,21 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from errors import StoreUnavailable
 
 request_log = logging.getLogger("nanobanana.requests")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 GENERATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120)
+QUEUED_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 900)
 
 
 GENERATE_ENDPOINT = "generation.generate"  # the route whose answers are timed, and rate limited (web/access.py)
@@ -50,6 +56,16 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+
+        self.queued_seconds = Histogram(
+            "nanobanana_queued_seconds",
+            "Time generations waited in the queue for their turn at the upstream",
+            buckets=QUEUED_BUCKETS,
+            registry=registry,
+        )
+
+    def waited_in_queue(self, seconds: float) -> None:
+        self.queued_seconds.observe(seconds)
 
     def upstream_call(self, endpoint: str, outcome: str) -> None:
         self.upstream_calls.labels(endpoint, outcome).inc()
@@ -126,11 +142,28 @@ def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
     return metrics
 
 
-def exposition(metrics: Metrics) -> Response:
-    """The metrics in Prometheus text format, summed over every worker when there are several."""
+def exposition(metrics: Metrics, queue_depth: Callable[[], int]) -> Response:
+    """The metrics in Prometheus text format, summed over every worker when there are several, and the depth of
+    the queue as the store counts it now (one figure for every worker and instance)."""
     if metrics.metrics_dir:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics.metrics_dir)
     else:
         registry = metrics.registry
-    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    now = CollectorRegistry()
+    now.register(QueueDepth(queue_depth))
+    return Response(generate_latest(registry) + generate_latest(now), content_type=CONTENT_TYPE_LATEST)
+
+
+class QueueDepth(Collector):
+    """The queue's depth, read from the store at each scrape (a gauge no worker has to keep up to date)."""
+
+    def __init__(self, depth: Callable[[], int]):
+        self.depth = depth
+
+    def collect(self):
+        try:
+            depth = self.depth()
+        except StoreUnavailable:
+            return
+        yield GaugeMetricFamily("nanobanana_queue_depth", "Generations waiting in the queue now", value=depth)
