@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 LOOK_EVERY = 1.0  # seconds between two looks at the queue when nothing wakes the dispatcher
 EXPIRE_EVERY = 5.0  # seconds between two looks for tasks queued too long
 TURNS_AT_ONCE = 200  # turns taken in one go
-BUSY_HOLD = 1.0  # seconds a key is held after the upstream said it was busy, doubled for each busy answer in a row
+BUSY_HOLD = 1.0  # seconds a key rests after the upstream said it was busy, doubled for each rest in a row
 BUSY_HOLD_MAX = 60.0
 
 
@@ -58,7 +58,9 @@ class Dispatcher:
         self._wake = threading.Event()
         self._starting = threading.Lock()
         self._started = False
-        self._busy_in_a_row: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._rests_in_a_row: dict[str | None, int] = {}
+        self._resting_until: dict[str | None, float] = {}
         self._waiting_for_room = False  # the last look left tasks queued for want of running room
         self._next_expiry = 0.0
 
@@ -81,14 +83,22 @@ class Dispatcher:
             self._wake.set()
 
     def hold_after_busy(self, key_id: str | None, retry_after: float | None) -> float:
-        """Until when a key rests after a busy answer: as the upstream said, else longer for each in a row."""
-        in_a_row = self._busy_in_a_row.get(key_id, 0)
-        self._busy_in_a_row[key_id] = in_a_row + 1
-        return self.clock() + (retry_after or min(BUSY_HOLD * 2**in_a_row, BUSY_HOLD_MAX))
+        """Until when a key rests after a busy answer: as the upstream said, else longer for each rest in a row.
+        Refusals of submissions sent together, while the key already rests, make the rest no longer."""
+        now = self.clock()
+        with self._lock:
+            if self._resting_until.get(key_id, 0.0) > now:
+                return self._resting_until[key_id]
+            rests = self._rests_in_a_row.get(key_id, 0)
+            self._rests_in_a_row[key_id] = rests + 1
+            until = now + (retry_after or min(BUSY_HOLD * 2**rests, BUSY_HOLD_MAX))
+            self._resting_until[key_id] = until
+        return until
 
     def went_through(self, key_id: str | None) -> None:
         """A submission with the key was accepted: it is no longer busy."""
-        self._busy_in_a_row.pop(key_id, None)
+        with self._lock:
+            self._rests_in_a_row.pop(key_id, None)
 
     def look(self) -> float:
         """Take the turns that have come and end the tasks queued too long; the seconds until the next look."""

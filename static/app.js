@@ -4,6 +4,7 @@
 
 const KEYS = { user: "nanobanana.userId", token: "nanobanana.token" };
 const POLL_EVERY_MS = 2000;
+const FIRST_WAIT_SECONDS = 3; // the first answer comes back soon, to say whether the picture waits in line
 const GIVE_UP_AFTER_MS = 5 * 60 * 1000;
 
 const $ = (id) => document.getElementById(id);
@@ -15,6 +16,7 @@ const tokenBox = $("token");
 const submitButton = $("submit");
 const startOverButton = $("start-over");
 const undoButton = $("undo");
+const cancelButton = $("cancel");
 const editingNote = $("editing");
 let chain = [];
 let editFrom = null; // the task_id of an earlier picture chosen with "Edit this one"
@@ -118,21 +120,72 @@ function render() {
   }
 }
 
-// Ask the service, then follow status_url while the picture is still being made.
-async function generate(body) {
+// Ask the service, then follow status_url while the picture waits in line or is being made.
+async function generate(body, waiting) {
   const started = Date.now();
   let answer = await fetch("/nanobanana", {
     method: "POST",
     headers: { "Content-Type": "application/json", ...authHeaders() },
-    body: JSON.stringify(body),
+    body: JSON.stringify({ ...body, wait: FIRST_WAIT_SECONDS }),
   });
   let data = await readJson(answer);
   while (answer.status === 202 && Date.now() - started < GIVE_UP_AFTER_MS) {
+    waiting.update(data);
     await new Promise((resolve) => setTimeout(resolve, POLL_EVERY_MS));
     answer = await fetch(data.status_url, { headers: authHeaders() });
     data = await readJson(answer);
   }
   return { status: answer.status, data };
+}
+
+function ordinal(number) {
+  const teen = number % 100 >= 11 && number % 100 <= 13;
+  return number + (teen ? "th" : { 1: "st", 2: "nd", 3: "rd" }[number % 10] || "th");
+}
+
+// What the page says while it waits: the place in line (with a Cancel button), then the seconds in the making.
+function waitingDisplay() {
+  let place = null;
+  let since = Date.now();
+  const tick = () => {
+    const seconds = Math.floor((Date.now() - since) / 1000);
+    statusLine.textContent = place
+      ? ordinal(place) + " in line for the image service…"
+      : "Making your picture… " + seconds + " s";
+  };
+  tick();
+  const timer = setInterval(tick, 1000);
+  return {
+    update(data) {
+      const next = data.queue_position || null;
+      if (place && !next) since = Date.now(); // out of the line: the making starts now
+      place = next;
+      cancelButton.hidden = !place;
+      cancelButton.dataset.taskId = data.task_id || "";
+      tick();
+    },
+    stop() {
+      clearInterval(timer);
+      cancelButton.hidden = true;
+    },
+  };
+}
+
+async function cancelWaiting() {
+  cancelButton.disabled = true;
+  try {
+    const answer = await fetch("/nanobanana/tasks/" + encodeURIComponent(cancelButton.dataset.taskId), {
+      method: "DELETE",
+      headers: authHeaders(),
+    });
+    if (answer.status === 409) showError("The picture has already started, so it can no longer be cancelled.");
+    else if (!answer.ok) showError(((await readJson(answer)).error || {}).message || "It could not be cancelled.");
+    else cancelButton.hidden = true;
+  } catch (_) {
+    showError("The service could not be reached. Please check your connection and try again.");
+  } finally {
+    cancelButton.disabled = false;
+  }
 }
 
 async function readJson(answer) {
@@ -141,16 +194,6 @@ async function readJson(answer) {
   } catch (_) {
     return { error: { message: "The service sent an answer this page cannot read (HTTP " + answer.status + ")." } };
   }
-}
-
-function startClock() {
-  const started = Date.now();
-  const tick = () => {
-    const seconds = Math.floor((Date.now() - started) / 1000);
-    statusLine.textContent = "Making your picture… " + seconds + " s";
-  };
-  tick();
-  return setInterval(tick, 1000);
 }
 
 async function make(event) {
@@ -168,15 +211,17 @@ async function make(event) {
   else if (editFrom) body.from_task = editFrom;
 
   submitButton.disabled = true;
-  const clock = startClock();
+  const waiting = waitingDisplay();
   try {
-    const { status, data } = await generate(body);
+    const { status, data } = await generate(body, waiting);
     if (status === 200) {
       editFrom = null;
       await loadChain();
       promptBox.value = "";
       imageUrlBox.value = "";
       statusLine.textContent = "Done in " + Math.round(data.elapsed_seconds) + " s. Describe a change to edit it.";
+    } else if (status === 410) {
+      statusLine.textContent = "Cancelled. Nothing was charged.";
     } else if (status === 202) {
       statusLine.textContent = "";
       showError("The picture is taking unusually long. Please try again in a few minutes.");
@@ -188,7 +233,7 @@ async function make(event) {
     statusLine.textContent = "";
     showError("The service could not be reached. Please check your connection and try again.");
   } finally {
-    clearInterval(clock);
+    waiting.stop();
     submitButton.disabled = false;
   }
 }
@@ -246,5 +291,6 @@ promptBox.addEventListener("keydown", (event) => {
 form.addEventListener("submit", make);
 startOverButton.addEventListener("click", startOver);
 undoButton.addEventListener("click", undo);
+cancelButton.addEventListener("click", cancelWaiting);
 render();
 loadChain();

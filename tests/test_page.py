@@ -204,3 +204,26 @@ def test_page_is_readable_on_a_phone(browser, service):
         expect(page.get_by_role("button", name="Make it")).to_be_visible()
     finally:
         context.close()
+
+
+def test_a_picture_in_line_shows_its_place_and_can_be_cancelled(browser, upstream, tmp_path):
+    paced = start(upstream, tmp_path / "paced.log", UPSTREAM_RATE="1/60s")
+    context = browser.new_context()
+    try:
+        paced.get("/nanobanana", params={"prompt": "goes first"})
+        ahead = [
+            paced.get("/nanobanana", params={"prompt": f"ahead {n}", "user_id": f"someone-{n}", "wait": "0"}).json()
+            for n in range(2)
+        ]
+        assert [body["queue_position"] for body in ahead] == [1, 2]
+        page = context.new_page()
+        page.goto(paced.url + "/")
+        make(page, "a picture that waits")
+        expect(page.locator("#status")).to_have_text("3rd in line for the image service…")
+        page.get_by_role("button", name="Cancel this picture").click()
+        expect(page.locator("#status")).to_have_text("Cancelled. Nothing was charged.", timeout=10000)
+        expect(page.get_by_role("button", name="Cancel this picture")).to_be_hidden()
+        assert not [task for task in upstream.tasks.values() if task.params["prompt"] == "a picture that waits"]
+    finally:
+        context.close()
+        paced.stop()

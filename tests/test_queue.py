@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from background import Background
+from config import Pacing
+from domain.queue import Dispatcher
 from tools.processes import wait_until
 
 
@@ -124,3 +127,17 @@ def test_a_task_queued_too_long_fails_saying_nothing_was_paid(make_app, upstream
         late.json["error"]["code"] == "upstream_unavailable" and "nothing was charged" in late.json["error"]["message"]
     )
     assert submitted_prompts(upstream) == ["first"]
+
+
+def test_a_busy_key_rests_longer_each_time_in_a_row_and_as_long_as_the_upstream_asks(clock):
+    dispatcher = Dispatcher(None, Pacing(), "me", list, print, print, 900, Background(), clock=clock)
+    start = clock()
+    assert dispatcher.hold_after_busy("k", None) == start + 1
+    assert dispatcher.hold_after_busy("k", None) == start + 1  # sent together: one rest
+    clock.now += 1
+    assert dispatcher.hold_after_busy("k", None) == clock() + 2
+    clock.now += 2
+    dispatcher.went_through("k")
+    assert dispatcher.hold_after_busy("k", None) == clock() + 1
+    clock.now += 1
+    assert dispatcher.hold_after_busy("k", 7.0) == clock() + 7  # Retry-After

@@ -32,6 +32,7 @@ def instances(upstream, redis_server, tmp_path_factory):
         "POLL_MAX_ATTEMPTS": "20",
         "REDIS_URL": redis_server.url,
         "WEB_CONCURRENCY": "2",
+        "UPSTREAM_RATE": "off",  # this emulator has no limits (tests/test_queue_processes.py gives it some)
     }
     logs = tmp_path_factory.mktemp("shared")
     running = [Service(environ, logs / f"instance-{n}.log") for n in (1, 2)]
