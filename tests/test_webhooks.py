@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 
 import pytest
+import requests
 from flask import Flask, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -206,6 +207,18 @@ def test_a_failed_picture_is_pushed_as_failed(service, receiver):
     [delivery] = wait_until(lambda: receiver.of("failure"), timeout=10)
     assert delivery["body"]["type"] == "generation.failed"
     assert delivery["body"]["data"]["error"]["code"] == "generation_failed"
+
+
+def test_a_cancelled_picture_is_pushed_as_cancelled(serve_app, receiver):
+    paced = serve_app(upstream_rate=(1, 60.0), **WEBHOOK_SETTINGS)
+    paced.get("/nanobanana", params={"prompt": "takes the only turn"})
+    task = start(paced, receiver, "ok", "cancelled", prompt="waits its turn")
+    assert task["queue_position"] == 1
+    assert requests.delete(f"{paced.url}/nanobanana/tasks/{task['task_id']}", timeout=10).status_code == 200
+    [delivery] = wait_until(lambda: receiver.of("cancelled"), timeout=10)
+    assert delivery["body"]["type"] == "generation.cancelled"
+    data = delivery["body"]["data"]
+    assert data["status"] == "cancelled" and data["error"]["code"] == "cancelled"
 
 
 @pytest.mark.parametrize("behaviour", ["flaky", "slow"])

@@ -51,12 +51,15 @@ class Figures:
     polls: list[int]
     peak_rss_mb: float
     cpu_ms_per_request: float
+    refused: int  # submissions the upstream answered 429 for its limits
+    rate: str | None  # the upstream's limit, if it had one
 
 
 @dataclass(frozen=True)
 class Config:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)  # "{service_url}" and "{redis_url}" are filled in
+    emulator_args: tuple[str, ...] = ()  # the upstream's limits, when it has some
 
     def environ(self, service_url: str, redis_url: str | None) -> dict[str, str]:
         return {name: value.format(service_url=service_url, redis_url=redis_url) for name, value in self.env.items()}
@@ -74,10 +77,14 @@ CONFIGS = {
     "callbacks": Config(procfile_command(), {"PUBLIC_BASE_URL": "{service_url}", "POLL_INTERVAL": "2"}),
     # gunicorn's plain defaults (one sync worker): an empty config keeps ./gunicorn.conf.py from being read.
     "sync-baseline": Config(["gunicorn", "--config", "/dev/null", "app:create_app()"]),
+    # an upstream that refuses more than 200 submissions per second (the provider's 20 per 10 s, sped up a hundred
+    # times so that the row runs in seconds), and the service pacing itself to match
+    "queue": Config(procfile_command(), {"UPSTREAM_RATE": "200/1s"}, ("--rate", "200/1s")),
     # threads instead of gevent, for the choice of worker model (`--configs default,gthread`)
     "gthread": Config([*procfile_command()[:-1], "--worker-class", "gthread", "--threads", "1024", "app:create_app()"]),
 }
-DEFAULT_CONFIGS = "default,callbacks,redis,sync-baseline"
+DEFAULT_CONFIGS = "default,callbacks,redis,queue,sync-baseline"
+UNLIMITED = {"UPSTREAM_RATE": "off", "UPSTREAM_MAX_RUNNING": "off"}  # the emulator has no limits unless told
 
 
 def wait_ready(url: str, timeout: float = 30.0) -> None:
@@ -169,6 +176,7 @@ def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Pa
         str(emulator_port),
         "--delay",
         str(args.generation_time),
+        *config.emulator_args,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
     env.update(
@@ -179,6 +187,7 @@ def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Pa
         PORT=str(service_port),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         DATABASE_PATH=str(log_dir / f"{name}.sqlite3"),
+        **UNLIMITED,
     )
     env.update(config.environ(f"http://127.0.0.1:{service_port}", redis_url))
     with open(log_dir / f"{name}.log", "w") as log:
@@ -199,6 +208,7 @@ def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Pa
                 cpu = sampler.cpu_seconds() - cpu_before
             upstream_cpu_used = upstream_cpu.cpu_seconds() - upstream_cpu_before
             report = requests.get(f"{emulator_url}/emulator/tasks", timeout=30).json()
+            limits = requests.get(f"{emulator_url}/_config", timeout=30).json()
         finally:
             for process in (service, emulator):
                 stop(process)
@@ -217,6 +227,8 @@ def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Pa
         polls=[task["polls"] for task in report.values()],
         peak_rss_mb=sampler.peak_rss / 2**20,
         cpu_ms_per_request=cpu * 1000 / max(1, len(results)),
+        refused=limits["refused"],
+        rate=limits["rate"],
     )
 
 
@@ -246,7 +258,8 @@ def print_table(all_figures: list[Figures], args: argparse.Namespace) -> None:
         f"\nsettings: {args.requests} concurrent requests (started over {args.spread:g} s), "
         f"generation {args.generation_time:g} s, "
         f"POLL_INTERVAL={args.poll_interval:g} (unless a configuration sets its own, as its 'running' line shows), "
-        f"POLL_MAX_ATTEMPTS={args.poll_max_attempts}, "
+        f"POLL_MAX_ATTEMPTS={args.poll_max_attempts}, UPSTREAM_RATE=off and UPSTREAM_MAX_RUNNING=off (unless the "
+        f"configuration sets its own: the emulator has limits only in the queue row), "
         f"{os.cpu_count()} cores; poll bound per task = {math.ceil(args.generation_time / args.poll_interval) + 1}"
     )
     header = (
@@ -263,12 +276,29 @@ def print_table(all_figures: list[Figures], args: argparse.Namespace) -> None:
             f"{percentile(f.added_delays, 0.5) * 1000:>14.0f}{percentile(f.added_delays, 0.95) * 1000:>14.0f}"
             f"{polls:>16}{f.peak_rss_mb:>13.0f}{f.cpu_ms_per_request:>12.1f}"
         )
+    for f in all_figures:
+        if f.rate:
+            print_queue_figures(f, args)
     by_name = {f.name: f for f in all_figures}
     for name in ("default", "callbacks", "redis", "gthread"):
         best, base = by_name.get(name), by_name.get("sync-baseline")
         if best and base and base.succeeded:
             ratio = (best.succeeded / best.wall) / (base.succeeded / base.wall)
             print(f"ratio {name} / sync-baseline: {ratio:.0f}x the completed requests per second")
+
+
+def print_queue_figures(f: Figures, args: argparse.Namespace) -> None:
+    """The last answer against the least time the upstream's limit allows: every window full, one after another,
+    then one generation and one poll."""
+    count, window = f.rate.split("/")
+    windows = math.ceil(f.total / int(count)) - 1
+    least = windows * float(window.rstrip("s")) + args.generation_time + args.poll_interval
+    last = max(f.latencies, default=math.nan)
+    print(
+        f"{f.name}: upstream limited to {f.rate} per key; {f.succeeded}/{f.total} succeeded, "
+        f"{f.refused} submissions refused with 429; the last answer came after {last:.1f} s, "
+        f"the least the limit allows is {least:.1f} s ({last / least:.2f}x)"
+    )
 
 
 def main() -> None:
