@@ -50,6 +50,9 @@ class Pacing:
     rate: int | None = 20  # submissions per key in any `window` seconds
     window: float = 10.0
     max_running: int | None = 100  # tasks per key submitted and not yet ended
+    # Until its answer comes, a submission counts as reaching the upstream as late as it could: this long after
+    # its turn was taken (retries included). Once answered, it counts as reaching it when the answer came.
+    longest_submission: float = 120.0
 
     @property
     def spacing(self) -> float:
@@ -126,7 +129,8 @@ class Settings:
     @property
     def pacing(self) -> Pacing:
         count, window = self.upstream_rate or (None, 1.0)
-        return Pacing(count, window, self.upstream_max_running)
+        longest = 3 * (self.connect_timeout + self.submit_read_timeout)  # the client sends one at most three times
+        return Pacing(count, window, self.upstream_max_running, longest)
 
     @property
     def demo(self) -> bool:

@@ -328,9 +328,8 @@ class Lifecycle:
 
     def _submit(self, following: Following) -> None:
         record = following.record
-        number = self.client.keys.number_of(record.key_id)
         try:
-            task = self.client.submit(generation_of(record), self._callback_url(record), number or 0)
+            task = self._send(record)
         except (UpstreamBusy, KeyRefused) as not_now:
             self._back_in_line(following, not_now)
             return
@@ -350,6 +349,17 @@ class Lifecycle:
             )
             self._quietly(self.store.submitted, record.task_id, task.task_id, key_id, task.submitted_at)
         self.polls.add(following, self._next_ask(following.record))
+
+    def _send(self, record: TaskRecord) -> Task:
+        """Submit with the key the task's turn was taken with; once answered, the key's window knows when it went
+        (a turn taken counts as sent as late as it could be until then), and the queue looks again."""
+        number = self.client.keys.number_of(record.key_id)
+        try:
+            return self.client.submit(generation_of(record), self._callback_url(record), number or 0)
+        finally:
+            if self.settings.pacing.rate is not None and record.key_id is not None:
+                self._quietly(self.store.sent, record.task_id, record.key_id, time.time())
+                self.queue.wake()
 
     def _back_in_line(self, following: Following, not_now: UpstreamBusy | KeyRefused) -> None:
         """Nothing was made: the task goes back to its turn. After a busy answer its key rests a while; with every

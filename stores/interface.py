@@ -77,6 +77,10 @@ class Queue(Protocol):
         from here on they are pending and followed by `follower`. Also when a key may allow one again
         (None: not before a task ends or is queued)."""
 
+    def sent(self, task_id: str, key_id: str, at: float) -> None:
+        """The submission of a task whose turn was taken with this key was answered at `at`: it reached the
+        upstream by then, and counts in the key's window as sent then (until now, as late as it could)."""
+
     def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
         """A taken turn that was not used (the upstream was busy, or refused the key): the task is queued again
         at its turn, and its key allows nothing until `hold_key_until`. False if it was not pending unsubmitted."""

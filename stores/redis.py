@@ -127,14 +127,15 @@ redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
 return 1
 """
 # KEYS: queue, turn reached, followers; ARGV: prefix, follower, now, rate ("" off), spacing, max running ("" off),
-# limit, first lease's end, task TTL, then the usable key ids. Returns the ids taken, and when a key next allows one.
+# limit, first lease's end, task TTL, longest submission, then the usable key ids.
+# Returns the ids taken, and when a key next allows one.
 _TAKE_TURNS = """
 local prefix, follower, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rate, spacing, max_running, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local function allowances()
     local keys, allowance, next_chance = {}, {}, nil
     local function sooner(moment) if next_chance == nil or moment < next_chance then next_chance = moment end end
-    for i = 10, #ARGV do
+    for i = 11, #ARGV do
         local key_id, left = ARGV[i], limit
         local held = tonumber(redis.call('GET', prefix .. 'hold:' .. key_id))
         if held and held > now then
@@ -183,8 +184,8 @@ for _, member in ipairs(members) do
         redis.call('SADD', prefix .. 'following:' .. follower, id)
         redis.call('ZADD', prefix .. 'running:' .. chosen, now, id)
         if rate then
-            redis.call('ZADD', prefix .. 'pace:' .. chosen, now, ARGV[3] .. ':' .. id)
-            redis.call('EXPIRE', prefix .. 'pace:' .. chosen, math.ceil(spacing) + 1)
+            redis.call('ZADD', prefix .. 'pace:' .. chosen, now + tonumber(ARGV[10]), id)
+            redis.call('EXPIRE', prefix .. 'pace:' .. chosen, math.ceil(spacing + tonumber(ARGV[10])) + 1)
         end
         reached = math.max(reached, tonumber(stored[2]))
         table.insert(taken, id)
@@ -421,8 +422,12 @@ class RedisStore:
         off = ""
         args = [self.prefix, follower, repr(now), off if pacing.rate is None else pacing.rate, pacing.spacing]
         args += [off if pacing.max_running is None else pacing.max_running, limit, now + FOLLOWER_LEASE, TASK_TTL]
+        args.append(pacing.longest_submission)
         taken, next_chance = self._call(self._take_turns, keys=keys, args=[*args, *key_ids])
         return self._records(taken), float(next_chance) if next_chance else None
+
+    def sent(self, task_id: str, key_id: str, at: float) -> None:
+        self._call(self.redis.zadd, self._key("pace:", key_id), {task_id: at}, xx=True, lt=True)
 
     def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
         keys = [self._key("task:", task_id), self._key("queue"), self._key("queued_at")]

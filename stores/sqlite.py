@@ -123,8 +123,10 @@ MIGRATIONS = (
     CREATE TABLE lanes (lane TEXT PRIMARY KEY, turn INTEGER NOT NULL);  -- the last turn given to each lane
     CREATE TABLE turns (current INTEGER NOT NULL);  -- one row: the turn of the last task taken from the queue
     INSERT INTO turns VALUES (0);
-    CREATE TABLE submissions (key_id TEXT NOT NULL, at REAL NOT NULL);  -- recent turns taken, per key
+    -- recent submissions per key: when each reached the upstream, at the latest (Pacing.longest_submission)
+    CREATE TABLE submissions (key_id TEXT NOT NULL, task_id TEXT NOT NULL, at REAL NOT NULL);
     CREATE INDEX submissions_key ON submissions (key_id, at);
+    CREATE INDEX submissions_task ON submissions (task_id);
     CREATE TABLE key_holds (key_id TEXT PRIMARY KEY, until REAL NOT NULL);  -- a key the upstream found busy
     """,
 )
@@ -319,12 +321,20 @@ class SqliteStore:
                 [(follower, record.key_id, record.task_id) for record in taken],
             )
             if pacing.rate is not None:
-                db.executemany("INSERT INTO submissions VALUES (?, ?)", [(record.key_id, now) for record in taken])
+                latest = now + pacing.longest_submission
+                db.executemany(
+                    "INSERT INTO submissions VALUES (?, ?, ?)", [(r.key_id, r.task_id, latest) for r in taken]
+                )
             if taken:
                 db.execute("UPDATE turns SET current = max(current, ?)", (max(record.turn for record in taken),))
                 db.execute("INSERT OR IGNORE INTO followers VALUES (?, ?)", (follower, now + FOLLOWER_LEASE))
                 next_chance = self._allowances(db, now, pacing, key_ids, limit)[1]
         return taken, next_chance
+
+    def sent(self, task_id: str, key_id: str, at: float) -> None:
+        self._run(
+            "UPDATE submissions SET at = ? WHERE task_id = ? AND key_id = ? AND at > ?", (at, task_id, key_id, at)
+        )
 
     def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
         with self._transaction() as db:

@@ -76,13 +76,25 @@ def test_queue_position_counts_the_tasks_that_go_before(store):
 def test_the_rate_allows_so_many_per_window_and_says_when_the_next_may_go(store):
     for n in range(5):
         queue(store, f"t{n}")
-    pacing = Pacing(rate=2, window=10.0, max_running=None)
+    pacing = Pacing(rate=2, window=10.0, max_running=None, longest_submission=60.0)
     start = store.clock()
-    assert take(store, pacing) == (["t0", "t1"], start + pacing.spacing)
-    store.clock.now += 5
-    assert take(store, pacing) == ([], start + pacing.spacing)
-    store.clock.now = start + pacing.spacing + 0.001
+    assert take(store, pacing) == (["t0", "t1"], start + 60 + pacing.spacing)  # unanswered: as late as can be
+    store.clock.now += 1
+    store.sent("t0", "key-a", store.clock())
+    store.sent("t1", "key-a", store.clock())
+    store.sent("t1", "key-a", store.clock() + 30)  # never later than it was said to be
+    assert take(store, pacing) == ([], start + 1 + pacing.spacing)
+    store.clock.now = start + 1 + pacing.spacing + 0.001
     assert take(store, pacing)[0] == ["t2", "t3"]
+
+
+def test_a_submission_never_answered_counts_until_it_could_no_longer_arrive(store):
+    for n in range(3):
+        queue(store, f"t{n}")
+    pacing = Pacing(rate=1, window=10.0, max_running=None, longest_submission=60.0)
+    assert take(store, pacing)[0] == ["t0"]  # and its process died before the answer came
+    store.clock.now += 60 + pacing.spacing + 0.001
+    assert take(store, pacing)[0] == ["t1"]
 
 
 def test_keys_add_up_their_allowances_taking_turns(store):
