@@ -85,7 +85,6 @@ class Following:
     it wait on `ended`."""
 
     record: TaskRecord
-    key: IdempotencyKey | None = None
     ended: threading.Event = field(default_factory=threading.Event)
     refusal: NanoBananaError | None = None  # the upstream refused the submission: nothing was made
     watching: bool = False  # only waited for here: its end comes by a notification, or a look in the store
@@ -168,7 +167,9 @@ class Lifecycle:
             self.deliveries.check_target(wanted.callback_url)
         key = idempotency_key(wanted, owner)
         earlier = self.store.keyed_task(key) if key else None
-        if earlier is not None:
+        if earlier is not None and nothing_made(earlier):  # nothing was made: the key may be used again
+            self.store.release_key(key, earlier.task_id)
+        elif earlier is not None:
             return self._await(earlier, deadline)
         self._check_room()
         conversation = conversation_key(owner, wanted.user_id)
@@ -179,7 +180,7 @@ class Lifecycle:
         record, new = self.store.record_task(
             self._new_record(generation, used_previous, owner, conversation, wanted, deliver_to), key
         )
-        following = self._wait_in_line(record, key) if new else None
+        following = self._wait_in_line(record) if new else None
         return self._await(record, deadline, following)
 
     def wait(self, record: TaskRecord, seconds: float) -> TaskRecord:
@@ -194,9 +195,11 @@ class Lifecycle:
         if record.state == TaskState.CANCELLED:
             return record
         ended = self._end_queued(record, TaskState.CANCELLED, "cancelled", CANCELLED_MESSAGE)
-        if ended is None:
+        if ended is not None:
+            return ended
+        if (self.store.task(task_id) or record).state in WAITING:
             raise AlreadySubmitted()
-        return ended
+        raise AlreadySubmitted("This picture has already ended, so there is nothing to cancel.")
 
     def queue_position(self, record: TaskRecord) -> int | None:
         """Where a queued task stands in line (1: next); None once it has left the queue, or while the store is away."""
@@ -286,14 +289,16 @@ class Lifecycle:
 
     # -- following a task ------------------------------------------------------------------
 
-    def _wait_in_line(self, record: TaskRecord, key: IdempotencyKey | None) -> Following | None:
-        """A task just queued here: its caller waits here, whichever process takes its turn."""
-        following = Following(record, key, watching=True)
+    def _wait_in_line(self, record: TaskRecord) -> Following | None:
+        """A task just queued here: its caller waits here, whichever process takes its turn (this one's dispatcher
+        may have taken it already)."""
         with self._lock:
             if self.background.stopping.is_set():
                 return None
-            self._following[record.task_id] = following
-        self.polls.add(Watch(following), time.time() + WATCH_EVERY)
+            following = self._following.setdefault(record.task_id, Following(record, watching=True))
+            watching = following.watching
+        if watching:
+            self.polls.add(Watch(following), time.time() + WATCH_EVERY)
         self.queue.wake()
         return following
 
@@ -318,16 +323,24 @@ class Lifecycle:
         following = self._own(record)
         if following is None or not self.background.spawn(self._submit, following):
             log.info("task %s goes back to the queue: this process is stopping", record.task_id)
-            self._quietly(self.store.requeue, record.task_id)
+            self._quietly(self.store.requeue, record.task_id, self.follower_id)
 
     def _take_over(self, record: TaskRecord) -> None:
-        """Follow a task whose follower is gone; it may have ended long ago, so ask at once."""
+        """Follow a task whose follower is gone; it may have ended long ago, so ask at once. A task whose turn
+        was taken but whose submission never started goes back to the queue instead."""
+        if record.upstream_task_id is None and record.key_id is not None and record.sending_at is None:
+            log.info("task %s goes back to the queue: its turn was taken, and it was never sent", record.task_id)
+            self._quietly(self.store.requeue, record.task_id, self.follower_id)
+            self.queue.wake()
+            return
         following = self._own(record)
         if following is not None:
             self.polls.add(following, time.time())
 
     def _submit(self, following: Following) -> None:
-        record = following.record
+        record = following.record = replace(following.record, sending_at=time.time())
+        if not self._until_stored(lambda: self.store.sending(record.task_id, record.sending_at) or True):
+            return  # stopping, and the store was away: not sent, so it goes back to the queue when taken over
         try:
             task = self._send(record)
         except (UpstreamBusy, KeyRefused) as not_now:
@@ -374,21 +387,20 @@ class Lifecycle:
         busy = isinstance(not_now, UpstreamBusy)
         hold = self.queue.hold_after_busy(record.key_id, not_now.retry_after) if busy else None
         log.info("task %s goes back to the queue: %s", record.task_id, not_now.message)
-        following.record = replace(record, state=TaskState.QUEUED, key_id=None, follower="")
+        following.record = replace(record, state=TaskState.QUEUED, key_id=None, follower="", sending_at=None)
         following.watching = True
-        self._until_stored(self.store.requeue, record.task_id, hold)
+        if self._until_stored(self.store.requeue, record.task_id, self.follower_id, hold) is False:
+            log.warning("task %s could not go back to the queue: it is no longer this process's", record.task_id)
         self.polls.add(Watch(following), time.time() + WATCH_EVERY)
         self.queue.wake()
 
     def _refused(self, following: Following, failure: NanoBananaError) -> None:
-        """Nothing was made: the caller hears why, and may use its idempotency key again."""
+        """Nothing was made: the caller hears why (and may use its idempotency key again, see nothing_made)."""
         following.refusal = failure
         self._finish(following, settled(following.record, TaskState.FAILED, failure.code, failure.message))
-        if following.key is not None:
-            self._quietly(self.store.release_key, following.key, following.record.task_id)
 
     def _queued_too_long(self, record: TaskRecord) -> None:
-        """QUEUE_MAX_WAIT passed in the queue: the task fails, nothing paid, and its idempotency key is free again."""
+        """QUEUE_MAX_WAIT passed in the queue: the task fails, nothing paid (its idempotency key is free again)."""
         self._end_queued(record, TaskState.FAILED, "upstream_unavailable", QUEUED_TOO_LONG_MESSAGE)
 
     def _end_queued(self, record: TaskRecord, state: str, code: str, message: str) -> TaskRecord | None:
@@ -408,7 +420,8 @@ class Lifecycle:
             return self.client.next_poll(record.submitted_at or record.created_at, time.time())
         if not self.settings.callbacks:
             return time.time()
-        return record.created_at + self.settings.polling_window + self.settings.submit_read_timeout
+        sent = record.sending_at or record.created_at
+        return sent + self.settings.polling_window + self.settings.submit_read_timeout
 
     def _when_due(self, item: Following | Watch) -> None:
         if isinstance(item, Watch):
@@ -422,7 +435,7 @@ class Lifecycle:
             stored = self.store.task(following.record.task_id)
         except StoreUnavailable:
             stored = None
-        if stored is not None and stored.settled:
+        if stored is not None and stored.state not in WAITING:
             self._adopt(stored)
         elif not following.ended.is_set():
             following.record = stored or following.record
@@ -503,7 +516,7 @@ class Lifecycle:
     def _adopt(self, stored: TaskRecord) -> None:
         """A task followed here was ended elsewhere: stop following it, and answer whoever waits."""
         following = self._following.get(stored.task_id)
-        if following is not None and stored.settled:
+        if following is not None and stored.state not in WAITING:
             following.record = stored
             self._release(following)
 
@@ -593,6 +606,11 @@ def _is_over(item: Following | Watch) -> bool:
     if isinstance(item, Watch):
         return item.following.ended.is_set() or not item.following.watching
     return item.ended.is_set()
+
+
+def nothing_made(record: TaskRecord) -> bool:
+    """The task failed without an upstream task: refused at submission, or never sent (queued too long, no key)."""
+    return record.state == TaskState.FAILED and record.upstream_task_id is None
 
 
 def generation_of(record: TaskRecord) -> Generation:

@@ -81,9 +81,14 @@ class Queue(Protocol):
         """The submission of a task whose turn was taken with this key was answered at `at`: it reached the
         upstream by then, and counts in the key's window as sent then (until now, as late as it could)."""
 
-    def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
-        """A taken turn that was not used (the upstream was busy, or refused the key): the task is queued again
-        at its turn, and its key allows nothing until `hold_key_until`. False if it was not pending unsubmitted."""
+    def sending(self, task_id: str, at: float) -> None:
+        """The task's submission is about to go: from now on nobody can tell, without its answer, whether it went.
+        A task taken and never marked so was not sent, and may go back to the queue (`requeue`)."""
+
+    def requeue(self, task_id: str, follower: str, hold_key_until: float | None = None) -> bool:
+        """A taken turn that was not used (the upstream was busy, or refused the key, or it was never sent): the
+        task is queued again at its turn, and its key allows nothing until `hold_key_until`. False unless it is
+        pending, unsubmitted and followed by `follower`."""
 
     def end_queued(self, record: TaskRecord) -> TaskRecord | None:
         """End a task that is still queued (cancelled, or queued too long), with its delivery; None if it has

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, replace
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from config import IDEMPOTENCY_TTL, TASK_TTL, Pacing
@@ -72,12 +72,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[7])
 local turn = 0
 local queued = redis.call('HMGET', KEYS[1], 'state', 'lane', 'created_at')
 if queued[1] == '$queued' then
-    -- the lane's next turn: right after its last one, and never before the turn the queue has reached
+    -- the lane's next turn: right after its last one still queued, never before the turn the queue has reached
     local lane = ARGV[1] .. 'lane:' .. queued[2]
     turn = tonumber(redis.call('GET', ARGV[1] .. 'turn')) or 0
-    local last = tonumber(redis.call('GET', lane))
-    if last and last + 1 > turn then turn = last + 1 end
-    redis.call('SET', lane, turn, 'EX', ARGV[7])
+    local last = redis.call('ZRANGE', lane, -1, -1, 'WITHSCORES')
+    if last[2] and tonumber(last[2]) + 1 > turn then turn = tonumber(last[2]) + 1 end
+    redis.call('ZADD', lane, turn, ARGV[2])
+    redis.call('EXPIRE', lane, ARGV[7])
     redis.call('HSET', KEYS[1], 'turn', turn)
     redis.call('ZADD', ARGV[1] .. 'queue', 0, queue_member(turn, sequence, ARGV[2]))
     redis.call('ZADD', ARGV[1] .. 'queued_at', queued[3], ARGV[2])
@@ -128,7 +129,8 @@ return 1
 """
 # KEYS: queue, turn reached, followers; ARGV: prefix, follower, now, rate ("" off), spacing, max running ("" off),
 # limit, first lease's end, task TTL, longest submission, then the usable key ids.
-# Returns the ids taken, and when a key next allows one.
+# Returns the tasks taken (each its hash, read in the script: none is taken without being handed over), and when a
+# key next allows one.
 _TAKE_TURNS = """
 local prefix, follower, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rate, spacing, max_running, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -176,7 +178,8 @@ for _, member in ipairs(members) do
     local task = prefix .. 'task:' .. id
     redis.call('ZREM', KEYS[1], member)
     redis.call('ZREM', prefix .. 'queued_at', id)
-    local stored = redis.call('HMGET', task, 'state', 'turn', 'follower')
+    local stored = redis.call('HMGET', task, 'state', 'turn', 'follower', 'lane')
+    if stored[4] then redis.call('ZREM', prefix .. 'lane:' .. stored[4], id) end
     if stored[1] == '$queued' then
         allowance[chosen] = allowance[chosen] - 1
         if stored[3] and stored[3] ~= '' then redis.call('SREM', prefix .. 'following:' .. stored[3], id) end
@@ -188,7 +191,7 @@ for _, member in ipairs(members) do
             redis.call('EXPIRE', prefix .. 'pace:' .. chosen, math.ceil(spacing + tonumber(ARGV[10])) + 1)
         end
         reached = math.max(reached, tonumber(stored[2]))
-        table.insert(taken, id)
+        table.insert(taken, redis.call('HGETALL', task))
     end
 end
 if #taken > 0 then
@@ -198,12 +201,14 @@ if #taken > 0 then
 end
 return {taken, next_chance and tostring(next_chance) or ''}
 """
-# KEYS: task, queue, queued_at; ARGV: prefix, task id, key held until ("" not held), milliseconds it is held
+# KEYS: task, queue, queued_at; ARGV: prefix, task id, key held until ("" not held), milliseconds it is held,
+# follower
 _REQUEUE = """
 local t = redis.call('HMGET', KEYS[1], 'state', 'upstream_task_id', 'key_id', 'follower', 'turn', 'sequence',
-                     'created_at')
-if t[1] ~= '$pending' or (t[2] and t[2] ~= '') then return 0 end
-redis.call('HSET', KEYS[1], 'state', '$queued', 'key_id', '', 'follower', '')
+                     'created_at', 'lane')
+if t[1] ~= '$pending' or (t[2] and t[2] ~= '') or t[4] ~= ARGV[5] then return 0 end
+redis.call('HSET', KEYS[1], 'state', '$queued', 'key_id', '', 'follower', '', 'sending_at', '')
+if t[8] then redis.call('ZADD', ARGV[1] .. 'lane:' .. t[8], t[5], ARGV[2]) end
 if t[3] and t[3] ~= '' then
     redis.call('ZREM', ARGV[1] .. 'running:' .. t[3], ARGV[2])
     if ARGV[3] ~= '' then redis.call('SET', ARGV[1] .. 'hold:' .. t[3], ARGV[3], 'PX', ARGV[4]) end
@@ -213,16 +218,22 @@ redis.call('ZADD', KEYS[2], 0, queue_member(tonumber(t[5]), tonumber(t[6]), ARGV
 redis.call('ZADD', KEYS[3], t[7], ARGV[2])
 return 1
 """
-# KEYS: task, queue, queued_at, webhooks; ARGV: task id, then the ended task's field/value pairs
+# KEYS: task, queue, queued_at, webhooks; ARGV: prefix, task id, then the ended task's field/value pairs
 _END_QUEUED = """
-local t = redis.call('HMGET', KEYS[1], 'state', 'turn', 'sequence', 'follower')
+local t = redis.call('HMGET', KEYS[1], 'state', 'turn', 'sequence', 'follower', 'lane')
 if t[1] ~= '$queued' then return 0 end
-redis.call('ZREM', KEYS[2], queue_member(tonumber(t[2]), tonumber(t[3]), ARGV[1]))
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('ZREM', KEYS[2], queue_member(tonumber(t[2]), tonumber(t[3]), ARGV[2]))
+redis.call('ZREM', KEYS[3], ARGV[2])
+if t[4] and t[4] ~= '' then redis.call('SREM', ARGV[1] .. 'following:' .. t[4], ARGV[2]) end
+if t[5] then redis.call('ZREM', ARGV[1] .. 'lane:' .. t[5], ARGV[2]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 local webhook = redis.call('HMGET', KEYS[1], 'webhook_state', 'webhook_due')
-if webhook[1] == '$delivery_pending' then redis.call('ZADD', KEYS[4], webhook[2], ARGV[1]) end
+if webhook[1] == '$delivery_pending' then redis.call('ZADD', KEYS[4], webhook[2], ARGV[2]) end
 return 1
+"""
+# KEYS: task; ARGV: when the submission is about to go
+_SENDING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'sending_at', ARGV[1]) end
 """
 # KEYS: webhooks (a sorted set of task ids by when they are due); ARGV: prefix, now, lease end, limit
 _DUE_DELIVERIES = """
@@ -315,6 +326,9 @@ class RedisStore:
             health_check_interval=30,
         )
         self.redis = redis.Redis(connection_pool=self.pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
+        # Taking turns is never sent twice: a second run after a lost answer would take other tasks as well, and
+        # the first ones would be handed to nobody (they wait for this process's lease to end, then go back).
+        self.once = redis.Redis(connection_pool=self.pool, retry=Retry(NoBackoff(), 0))
         self._record = self._script(_RECORD)
         self._submitted = self._script(_SUBMITTED)
         self._complete = self._script(_COMPLETE)
@@ -324,9 +338,10 @@ class RedisStore:
         self._take_over = self._script(_TAKE_OVER)
         self._due_deliveries = self._script(_DUE_DELIVERIES)
         self._delivery_attempted = self._script(_DELIVERY_ATTEMPTED)
-        self._take_turns = self._script(_TAKE_TURNS)
+        self._take_turns = self._script(_TAKE_TURNS, self.once)
         self._requeue = self._script(_REQUEUE)
         self._end_queued = self._script(_END_QUEUED)
+        self._sending = self._script(_SENDING)
         self._waiters = Waiters()
         self._subscriber: threading.Thread | None = None
         self._subscriber_lock = threading.Lock()
@@ -424,22 +439,27 @@ class RedisStore:
         args += [off if pacing.max_running is None else pacing.max_running, limit, now + FOLLOWER_LEASE, TASK_TTL]
         args.append(pacing.longest_submission)
         taken, next_chance = self._call(self._take_turns, keys=keys, args=[*args, *key_ids])
-        return self._records(taken), float(next_chance) if next_chance else None
+        records = [_task_record(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in taken]
+        return records, float(next_chance) if next_chance else None
+
+    def sending(self, task_id: str, at: float) -> None:
+        self._call(self._sending, keys=[self._key("task:", task_id)], args=[at])
 
     def sent(self, task_id: str, key_id: str, at: float) -> None:
         self._call(self.redis.zadd, self._key("pace:", key_id), {task_id: at}, xx=True, lt=True)
 
-    def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
+    def requeue(self, task_id: str, follower: str, hold_key_until: float | None = None) -> bool:
         keys = [self._key("task:", task_id), self._key("queue"), self._key("queued_at")]
         held = "" if hold_key_until is None else hold_key_until
         milliseconds = 1 if hold_key_until is None else max(1, int((hold_key_until - self.clock()) * 1000))
-        return bool(self._call(self._requeue, keys=keys, args=[self.prefix, task_id, held, milliseconds]))
+        args = [self.prefix, task_id, held, milliseconds, follower]
+        return bool(self._call(self._requeue, keys=keys, args=args))
 
     def end_queued(self, record: TaskRecord) -> TaskRecord | None:
         keys = [self._key("task:", record.task_id), self._key("queue"), self._key("queued_at"), self._key("webhooks")]
         values = task_fields(record)
         del values["sequence"], values["turn"]
-        if not self._call(self._end_queued, keys=keys, args=[record.task_id, *_pairs(values)]):
+        if not self._call(self._end_queued, keys=keys, args=[self.prefix, record.task_id, *_pairs(values)]):
             return None
         return self.task(record.task_id)
 
@@ -540,9 +560,10 @@ class RedisStore:
                 pipe.hgetall(self._key("task:", task_id))
             return [_task_record(fields) for fields in self._call(pipe.execute) if fields]
 
-    def _script(self, lua: str):
-        """A Lua script with the states written in ($pending, ...), registered with Redis."""
-        return self.redis.register_script(_QUEUE_MEMBER_LUA + "\n" + string.Template(lua).substitute(LUA_STATES))
+    def _script(self, lua: str, client: redis.Redis | None = None):
+        """A Lua script with the states written in ($pending, ...), registered with Redis (through `client`)."""
+        source = _QUEUE_MEMBER_LUA + "\n" + string.Template(lua).substitute(LUA_STATES)
+        return (client or self.redis).register_script(source)
 
     def _key(self, kind: str, name: str = "") -> str:
         return self.prefix + kind + name

@@ -118,9 +118,10 @@ MIGRATIONS = (
     ALTER TABLE tasks ADD COLUMN num_images INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE tasks ADD COLUMN lane TEXT;
     ALTER TABLE tasks ADD COLUMN turn INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN sending_at REAL;
     CREATE INDEX tasks_queue ON tasks (turn, sequence) WHERE state = 'queued';
+    CREATE INDEX tasks_lanes ON tasks (lane, turn) WHERE state = 'queued';
     CREATE INDEX tasks_running ON tasks (key_id) WHERE state = 'pending';
-    CREATE TABLE lanes (lane TEXT PRIMARY KEY, turn INTEGER NOT NULL);  -- the last turn given to each lane
     CREATE TABLE turns (current INTEGER NOT NULL);  -- one row: the turn of the last task taken from the queue
     INSERT INTO turns VALUES (0);
     -- recent submissions per key: when each reached the upstream, at the latest (Pacing.longest_submission)
@@ -322,6 +323,7 @@ class SqliteStore:
             )
             if pacing.rate is not None:
                 latest = now + pacing.longest_submission
+                db.executemany("DELETE FROM submissions WHERE task_id = ?", [(r.task_id,) for r in taken])
                 db.executemany(
                     "INSERT INTO submissions VALUES (?, ?, ?)", [(r.key_id, r.task_id, latest) for r in taken]
                 )
@@ -331,22 +333,26 @@ class SqliteStore:
                 next_chance = self._allowances(db, now, pacing, key_ids, limit)[1]
         return taken, next_chance
 
+    def sending(self, task_id: str, at: float) -> None:
+        self._run("UPDATE tasks SET sending_at = ? WHERE task_id = ?", (at, task_id))
+
     def sent(self, task_id: str, key_id: str, at: float) -> None:
         self._run(
             "UPDATE submissions SET at = ? WHERE task_id = ? AND key_id = ? AND at > ?", (at, task_id, key_id, at)
         )
 
-    def requeue(self, task_id: str, hold_key_until: float | None = None) -> bool:
+    def requeue(self, task_id: str, follower: str, hold_key_until: float | None = None) -> bool:
         with self._transaction() as db:
             taken = db.execute(
                 f"SELECT key_id FROM tasks WHERE task_id = ? AND state = '{TaskState.PENDING}' "
-                "AND upstream_task_id IS NULL",
-                (task_id,),
+                "AND upstream_task_id IS NULL AND follower = ?",
+                (task_id, follower),
             ).fetchone()
             if taken is None:
                 return False
             db.execute(
-                f"UPDATE tasks SET state = '{TaskState.QUEUED}', key_id = NULL, follower = '' WHERE task_id = ?",
+                f"UPDATE tasks SET state = '{TaskState.QUEUED}', key_id = NULL, follower = '', sending_at = NULL "
+                "WHERE task_id = ?",
                 (task_id,),
             )
             if taken["key_id"] is not None and hold_key_until is not None:
@@ -386,12 +392,12 @@ class SqliteStore:
         return self._one(f"SELECT count(*) AS depth FROM tasks WHERE state = '{TaskState.QUEUED}'", ())["depth"]
 
     def _next_turn(self, db: sqlite3.Connection, lane: str | None) -> int:
-        """The lane's next turn: right after its last one, and never before the turn the queue has reached."""
+        """The lane's next turn: right after its last one still queued, never before the turn the queue has reached."""
         current = db.execute("SELECT current FROM turns").fetchone()["current"]
-        last = db.execute("SELECT turn FROM lanes WHERE lane = ?", (lane,)).fetchone()
-        turn = max(current, last["turn"] + 1) if last else current
-        db.execute("INSERT OR REPLACE INTO lanes VALUES (?, ?)", (lane, turn))
-        return turn
+        last = db.execute(
+            f"SELECT max(turn) AS turn FROM tasks WHERE state = '{TaskState.QUEUED}' AND lane = ?", (lane,)
+        ).fetchone()["turn"]
+        return current if last is None else max(current, last + 1)
 
     def _allowances(
         self, db: sqlite3.Connection, now: float, pacing: Pacing, key_ids: list[str], limit: int
@@ -486,7 +492,6 @@ class SqliteStore:
         """Drop what has outlived its time, and the least recently updated users beyond the limit."""
         with self._transaction() as db:
             db.execute(f"DELETE FROM tasks WHERE created_at < ? AND state NOT IN {_FOLLOWED}", (now - TASK_TTL,))
-            db.execute("DELETE FROM lanes WHERE turn < (SELECT current FROM turns)")
             db.execute("DELETE FROM key_holds WHERE until <= ?", (now,))
             db.execute("DELETE FROM tasks WHERE created_at < ?", (now - 2 * TASK_TTL,))
             db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))

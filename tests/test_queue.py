@@ -6,10 +6,12 @@ The upstream is the in-process emulator, given the limits of the provider; the s
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from app import start_background, stop_background
 from background import Background
 from config import Pacing
 from domain.queue import Dispatcher
@@ -141,3 +143,48 @@ def test_a_busy_key_rests_longer_each_time_in_a_row_and_as_long_as_the_upstream_
     assert dispatcher.hold_after_busy("k", None) == clock() + 1
     clock.now += 1
     assert dispatcher.hold_after_busy("k", 7.0) == clock() + 7  # Retry-After
+
+
+def test_a_caller_whose_task_this_process_took_at_once_still_gets_the_picture(make_app, upstream):
+    """The dispatcher may take a turn between the recording and the caller's starting to wait."""
+    app = make_app()
+    lifecycle = app.extensions["nanobanana"].lifecycle
+    record_task = lifecycle.store.record_task
+
+    def record_then_take(*args):
+        recorded = record_task(*args)
+        lifecycle.queue.look()  # the turn is taken, and its submission started, before the caller waits
+        return recorded
+
+    lifecycle.store.record_task = record_then_take
+    answer = generate(app, prompt="taken at once", wait="20")
+    assert answer.status_code == 200 and submitted_prompts(upstream) == ["taken at once"]
+    assert answer.json["elapsed_seconds"] < 10  # when the picture was ready, not when the wait ran out
+
+
+def test_a_turn_taken_by_a_process_that_died_before_sending_goes_back_and_is_sent_once(make_app, upstream, tmp_path):
+    database = str(tmp_path / "shared.sqlite3")
+    paced = make_app(database_path=database, upstream_rate=(1, 60.0), api_keys=("key-one",))
+    generate(paced, prompt="the only turn of the minute")
+    waiting = generate(paced, prompt="taken by a process that died", wait="0").json
+    stop_background(paced)
+    heir = make_app(database_path=database, api_keys=("key-one",))
+    parts = heir.extensions["nanobanana"]
+    unpaced = Pacing(rate=None, max_running=None)
+    [taken], _ = parts.store.take_turns("ghost", time.time(), unpaced, [parts.client.keys.key_id(1)], 1)
+    parts.store.retire("ghost")  # it died before sending: its lease is over
+    start_background(heir)
+    done = wait_until(lambda: (a := heir.test_client().get(waiting["status_url"])).status_code == 200 and a, 10)
+    assert done.json["task_id"] == taken.task_id == waiting["task_id"]
+    assert submitted_prompts(upstream).count("taken by a process that died") == 1
+
+
+def test_an_idempotency_key_is_free_again_once_its_task_gave_up_waiting_in_line(make_app, upstream):
+    app = make_app(upstream_rate=(1, 60.0), api_keys=("key-one",), queue_max_wait=1.0)
+    key = {"Idempotency-Key": "order-7"}
+    generate(app, prompt="the only turn of the minute")
+    client = app.test_client()
+    late = client.get("/nanobanana", query_string={"prompt": "a cat", "wait": "20"}, headers=key)
+    assert late.status_code == 502 and late.json["error"]["code"] == "upstream_unavailable"
+    again = client.get("/nanobanana", query_string={"prompt": "a cat", "wait": "0"}, headers=key)
+    assert again.status_code == 202 and again.json["task_id"] != late.json["task_id"]

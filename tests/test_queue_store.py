@@ -119,7 +119,8 @@ def test_a_busy_answer_puts_the_task_back_at_its_turn_and_holds_the_key(store):
     queue(store, "alice-2", "alice")
     queue(store, "bob-1", "bob")
     assert take(store, limit=1)[0] == ["alice-1"]
-    assert store.requeue("alice-1", hold_key_until=store.clock() + 5)
+    assert not store.requeue("alice-1", "worker-c")  # only by the process that took it
+    assert store.requeue("alice-1", "worker-b", hold_key_until=store.clock() + 5)
     assert store.task("alice-1").state == TaskState.QUEUED and store.task("alice-1").key_id is None
     assert take(store) == ([], store.clock() + 5)
     assert take(store, keys=("key-b",))[0] == ["alice-1", "bob-1", "alice-2"]  # another key is not held
@@ -129,7 +130,7 @@ def test_a_submitted_task_is_never_queued_again(store):
     queue(store, "t1")
     take(store)
     store.submitted("t1", "up-1", "key-a", store.clock())
-    assert not store.requeue("t1")
+    assert not store.requeue("t1", "worker-b")
     assert take(store) == ([], None)
 
 
@@ -164,3 +165,22 @@ def test_without_a_usable_key_nothing_is_taken(store):
     queue(store, "t1")
     assert take(store, keys=()) == ([], None)
     assert store.task("t1").state == TaskState.QUEUED
+
+
+def test_the_mark_of_a_submission_about_to_go_is_kept(store):
+    queue(store, "t1")
+    take(store)
+    store.sending("t1", 123.0)
+    assert store.task("t1").sending_at == 123.0
+    assert store.requeue("t1", "worker-b")  # a busy answer: not sent after all
+    assert store.task("t1").sending_at is None
+
+
+def test_a_lane_whose_tasks_left_the_queue_starts_again_at_the_current_turn(store):
+    alice = [queue(store, f"alice-{n}", "alice") for n in range(3)]
+    queue(store, "bob-1", "bob")
+    queue(store, "bob-2", "bob")
+    for record in alice:
+        store.end_queued(replace(record, state=TaskState.CANCELLED))
+    queue(store, "alice-again", "alice")
+    assert take(store)[0] == ["bob-1", "alice-again", "bob-2"]
