@@ -89,6 +89,12 @@ class QueueFull(ServiceError):
     headers = {"Retry-After": "60"}
 
 
+class NoKeyUsable(ServiceError):
+    """Every API key is out of credits or refused, so nothing is recorded; the client's message says so."""
+
+    status, code = 503, "upstream_unavailable"
+
+
 class TooLarge(ServiceError):
     status, code = 413, "too_large"
     message = f"The request body is larger than {size_in_words(MAX_BODY_BYTES)}. Please send a shorter request."

@@ -29,7 +29,7 @@ from domain.lifecycle import Lifecycle
 from domain.media import Media
 from domain.netguard import plain_session
 from domain.params import parse_generation
-from errors import InvalidRequest, StoreUnavailable, Unauthorized
+from errors import InvalidRequest, ServiceError, StoreUnavailable, Unauthorized
 from stores.interface import Seen
 from stores.records import TaskRecord, TaskState
 
@@ -251,6 +251,8 @@ class TelegramBot:
             self.lifecycle.wait(record, wanted.wait - glance.wait)  # "sending a photo" shows meanwhile
         except StoreUnavailable:
             self._say(chat_id, message_id, "I cannot make pictures right now. Please try again in a minute.")
+        except ServiceError as refused:  # refused before it was recorded (no key usable, the queue full)
+            self._say(chat_id, message_id, refused.message)
         except Exception as failure:  # refused after it was recorded: deliver() tells the chat why
             log.info("chat %d: the generation ended early (%s)", chat_id, type(failure).__name__)
         finally:

@@ -38,7 +38,7 @@ from domain.media import Media
 from domain.params import GenerationRequest
 from domain.polls import PollSchedule
 from domain.queue import Dispatcher
-from errors import AlreadySubmitted, InvalidRequest, NotConfigured, QueueFull, StoreUnavailable
+from errors import AlreadySubmitted, InvalidRequest, NoKeyUsable, NotConfigured, QueueFull, StoreUnavailable
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
     PENDING,
@@ -276,8 +276,13 @@ class Lifecycle:
         )
 
     def _check_room(self) -> None:
-        """A new generation may join the queue: a key is usable, and the queue is not full (CONTRACT §11)."""
-        self.client.first_usable_key()
+        """A new generation may join the queue: a key is usable, and the queue is not full (CONTRACT §11).
+        Both are refused before anything is recorded, as ServiceErrors (a chat says them as they are)."""
+        try:
+            self.client.first_usable_key()
+        except UpstreamUnavailable as no_key:
+            retry = {"Retry-After": str(round(no_key.retry_after))} if no_key.retry_after else None
+            raise NoKeyUsable(no_key.message, retry) from None
         if self.store.queue_depth() >= self.settings.queue_max:
             raise QueueFull()
 

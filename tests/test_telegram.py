@@ -255,3 +255,15 @@ def test_a_picture_waiting_its_turn_says_where_it_is_in_line_then_comes(serve_ap
     assert messages(bot_api, second_chat) == [IN_LINE.format(place="1st")]
     assert photos(bot_api, second_chat, 1)[0]["caption"] == "a picture that waits its turn"
     assert bot_api.to_chat(first_chat, "sendMessage") == []  # no line, nothing said
+
+
+def test_a_full_queue_is_said_to_the_chat_and_nothing_is_made(serve_app, bot_api, served_upstream):
+    full = serve_app(public=True, upstream_rate=(1, 60.0), queue_max=1, **bot_settings(bot_api))
+    first, second, third = next(chat_ids), next(chat_ids), next(chat_ids)
+    send(full, first, "takes the only turn")
+    photos(bot_api, first, 1)
+    send(full, second, "waits in line")
+    messages(bot_api, second)  # "… in line"
+    send(full, third, "one too many")
+    assert "So many pictures are waiting" in messages(bot_api, third)[0]
+    assert not [t for t in served_upstream.tasks.values() if t.params["prompt"] in ("waits in line", "one too many")]
