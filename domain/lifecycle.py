@@ -9,8 +9,8 @@ process's dispatcher finds it. A busy upstream sends it back to its turn; a queu
 and one queued too long fails, paid nothing. Every pending task is followed by one process: the one that
 took its turn, or the one that took it over when that one was gone (domain/keeper.py). Its submission runs
 as short work of its own, so a hung upstream never holds the caller; after that the task waits in the poll
-schedule (domain/polls.py), and its callback, if one comes, ends it at once. A process where a caller waits
-for a task followed elsewhere watches it (Watch). The routes, the callbacks, the chat channels and the
+schedule (domain/polls.py), and its callback, if one comes, ends it at once. Who waits for which task, and
+how they hear of its end, is domain/waiting.py. The routes, the callbacks, the chat channels and the
 take-over all go through the functions here.
 """
 
@@ -23,11 +23,10 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
 from background import Background
 from config import TASK_TTL, Settings
@@ -38,6 +37,7 @@ from domain.media import Media
 from domain.params import GenerationRequest
 from domain.polls import PollSchedule
 from domain.queue import Dispatcher
+from domain.waiting import WAITING, Following, Waiting, Watch, is_over
 from errors import AlreadySubmitted, InvalidRequest, NoKeyUsable, NotConfigured, QueueFull, StoreUnavailable
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
@@ -62,8 +62,6 @@ log = logging.getLogger(__name__)
 
 RECORD_RETRY_MAX = 10.0  # longest pause between attempts to record an end while the store is away
 
-WAITING = (TaskState.QUEUED, TaskState.PENDING)  # states a caller waits through
-WATCH_EVERY = 10.0  # seconds between two looks in the store at a task waited for here but followed elsewhere
 
 UNCONFIRMED_MESSAGE = (
     "The image service did not confirm that it started this picture, so we cannot tell whether it was made. "
@@ -77,24 +75,6 @@ QUEUED_TOO_LONG_MESSAGE = (
     "The image service was too busy to start this picture in time, so it was given up; nothing was charged. "
     "Please try again later."
 )
-
-
-@dataclass
-class Following:
-    """A task followed by this process, or only watched (queued, or followed by another process): requests for
-    it wait on `ended`."""
-
-    record: TaskRecord
-    ended: threading.Event = field(default_factory=threading.Event)
-    refusal: NanoBananaError | None = None  # the upstream refused the submission: nothing was made
-    watching: bool = False  # only waited for here: its end comes by a notification, or a look in the store
-
-
-@dataclass(frozen=True)
-class Watch:
-    """A look in the store at a watched task, in the poll schedule: in case the notification of its end is lost."""
-
-    following: Following
 
 
 class Lifecycle:
@@ -119,7 +99,8 @@ class Lifecycle:
         self.media = media  # where lasting copies of finished pictures go; None: the upstream's addresses stay
         self.waited_in_queue = waited_in_queue
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self.polls: PollSchedule[Following | Watch] = PollSchedule(background, self._when_due, _is_over)
+        self.polls: PollSchedule[Following | Watch] = PollSchedule(background, self._when_due, is_over)
+        self.waiting = Waiting(store, background, self.polls.add)
         self.keeper = Keeper(store, self.follower_id, self._take_over, background, conversations.drop_copies)
         self.queue = Dispatcher(
             store,
@@ -131,9 +112,6 @@ class Lifecycle:
             settings.queue_max_wait,
             background,
         )
-        self._following: dict[str, Following] = {}
-        self._lock = threading.Lock()
-        store.on_notify(self._woken)
 
     # -- the process's part ----------------------------------------------------------------
 
@@ -144,10 +122,7 @@ class Lifecycle:
 
     def answer_waiters(self) -> None:
         """Stopping (background.stopping is set): whoever still waits gets the task as it stands."""
-        with self._lock:
-            followed = list(self._following.values())
-        for following in followed:
-            following.ended.set()
+        self.waiting.answer_all()
 
     def retire(self) -> None:
         """Stopped: the lease ends at once, so another process takes the pending tasks over."""
@@ -170,7 +145,7 @@ class Lifecycle:
         if earlier is not None and nothing_made(earlier):  # nothing was made: the key may be used again
             self.store.release_key(key, earlier.task_id)
         elif earlier is not None:
-            return self._await(earlier, deadline)
+            return self.waiting.until_ended(earlier, deadline)
         self._check_room()
         conversation = conversation_key(owner, wanted.user_id)
         remembered = None if wanted.reset else conversation  # reset: the remembered picture is not edited
@@ -181,11 +156,11 @@ class Lifecycle:
             self._new_record(generation, used_previous, owner, conversation, wanted, deliver_to), key
         )
         following = self._wait_in_line(record) if new else None
-        return self._await(record, deadline, following)
+        return self.waiting.until_ended(record, deadline, following)
 
     def wait(self, record: TaskRecord, seconds: float) -> TaskRecord:
         """Wait up to `seconds` more for a task to end; the task as it stands then."""
-        return self._await(record, time.monotonic() + seconds)
+        return self.waiting.until_ended(record, time.monotonic() + seconds)
 
     def cancel(self, task_id: str, owner: str = "") -> TaskRecord | None:
         """Cancel a queued task of this owner (it is never submitted); AlreadySubmitted once it has left the queue."""
@@ -295,37 +270,16 @@ class Lifecycle:
     # -- following a task ------------------------------------------------------------------
 
     def _wait_in_line(self, record: TaskRecord) -> Following | None:
-        """A task just queued here: its caller waits here, whichever process takes its turn (this one's dispatcher
-        may have taken it already)."""
-        with self._lock:
-            if self.background.stopping.is_set():
-                return None
-            following = self._following.setdefault(record.task_id, Following(record, watching=True))
-            watching = following.watching
-        if watching:
-            self.polls.add(Watch(following), time.time() + WATCH_EVERY)
+        """A task just queued here: its caller waits here, and the dispatcher looks at once."""
+        following = self.waiting.in_line(record)
         self.queue.wake()
-        return following
-
-    def _own(self, record: TaskRecord) -> Following | None:
-        """Follow a task from here on (its turn was taken here, or it was taken over); None if it already is,
-        or if this process is stopping."""
-        with self._lock:
-            if self.background.stopping.is_set():
-                return None
-            following = self._following.get(record.task_id)
-            if following is None:
-                following = self._following[record.task_id] = Following(record)
-            elif not following.watching:
-                return None
-            following.record, following.watching = record, False
         return following
 
     def _take_turn(self, record: TaskRecord) -> None:
         """The dispatcher took this task's turn: submit it, apart from the dispatcher (a hung submission must hold
         up nobody). A process that is stopping puts it back, for another to submit."""
         self.waited_in_queue(time.time() - record.created_at)
-        following = self._own(record)
+        following = self.waiting.own(record)
         if following is None or not self.background.spawn(self._submit, following):
             log.info("task %s goes back to the queue: this process is stopping", record.task_id)
             self._quietly(self.store.requeue, record.task_id, self.follower_id)
@@ -338,7 +292,7 @@ class Lifecycle:
             self._quietly(self.store.requeue, record.task_id, self.follower_id)
             self.queue.wake()
             return
-        following = self._own(record)
+        following = self.waiting.own(record)
         if following is not None:
             self.polls.add(following, time.time())
 
@@ -392,11 +346,11 @@ class Lifecycle:
         busy = isinstance(not_now, UpstreamBusy)
         hold = self.queue.hold_after_busy(record.key_id, not_now.retry_after) if busy else None
         log.info("task %s goes back to the queue: %s", record.task_id, not_now.message)
-        following.record = replace(record, state=TaskState.QUEUED, key_id=None, follower="", sending_at=None)
-        following.watching = True
+        self.waiting.watch(
+            following, replace(record, state=TaskState.QUEUED, key_id=None, follower="", sending_at=None)
+        )
         if self._until_stored(self.store.requeue, record.task_id, self.follower_id, hold) is False:
             log.warning("task %s could not go back to the queue: it is no longer this process's", record.task_id)
-        self.polls.add(Watch(following), time.time() + WATCH_EVERY)
         self.queue.wake()
 
     def _refused(self, following: Following, failure: NanoBananaError) -> None:
@@ -412,7 +366,7 @@ class Lifecycle:
         """End a task that is still queued; None if it has left the queue meanwhile."""
         stored = self.store.end_queued(settled(record, state, code, message))
         if stored is not None:
-            self._adopt(stored)
+            self.waiting.adopt(stored)
             self._quietly(self.store.notify, record.task_id)
         return stored
 
@@ -430,21 +384,9 @@ class Lifecycle:
 
     def _when_due(self, item: Following | Watch) -> None:
         if isinstance(item, Watch):
-            self._look_again(item.following)
+            self.waiting.look_again(item.following)
         else:
             self._ask_when_due(item)
-
-    def _look_again(self, following: Following) -> None:
-        """A watched task: its end is looked up in the store, in case its notification was lost."""
-        try:
-            stored = self.store.task(following.record.task_id)
-        except StoreUnavailable:
-            stored = None
-        if stored is not None and stored.state not in WAITING:
-            self._adopt(stored)
-        elif not following.ended.is_set():
-            following.record = stored or following.record
-            self.polls.add(Watch(following), time.time() + WATCH_EVERY)
 
     def _ask_when_due(self, following: Following) -> None:
         """The task's turn has come in the poll schedule: ask the upstream, then end the task or ask again later."""
@@ -482,16 +424,11 @@ class Lifecycle:
             following.record = self.store.complete_task(end)
         except StoreUnavailable:
             log.warning("the store is unavailable: the end of task %s is recorded when it is back", end.task_id)
-            self._release(following)
+            self.waiting.release(following)
             following.record = self._record_when_back(end)
-        self._release(following)
+        self.waiting.release(following)
         self._quietly(self.store.notify, end.task_id)
         self.queue.task_ended()
-
-    def _release(self, following: Following) -> None:
-        with self._lock:
-            self._following.pop(following.record.task_id, None)
-        following.ended.set()
 
     def _record_when_back(self, end: TaskRecord) -> TaskRecord:
         recorded = self._until_stored(self.store.complete_task, end)
@@ -514,52 +451,9 @@ class Lifecycle:
     def _record_end(self, end: TaskRecord) -> TaskRecord:
         """Record an end learnt from a callback or a status request; whoever follows or waits learns it too."""
         recorded = self.store.complete_task(end)
-        self._adopt(recorded)
+        self.waiting.adopt(recorded)
         self._quietly(self.store.notify, end.task_id)
         return recorded
-
-    def _adopt(self, stored: TaskRecord) -> None:
-        """A task followed here was ended elsewhere: stop following it, and answer whoever waits."""
-        following = self._following.get(stored.task_id)
-        if following is not None and stored.state not in WAITING:
-            following.record = stored
-            self._release(following)
-
-    def _woken(self, task_id: str) -> None:
-        """Some process says the task ended (a callback or a status request it received): look it up."""
-        if task_id in self._following:
-            self.background.spawn(self._adopt_stored, task_id)
-
-    def _adopt_stored(self, task_id: str) -> None:
-        try:
-            stored = self.store.task(task_id)
-        except StoreUnavailable:
-            return  # its schedule asks the upstream anyway
-        if stored is not None:
-            self._adopt(stored)
-
-    # -- waiting for an answer ---------------------------------------------------------------
-
-    def _await(self, record: TaskRecord, deadline: float, following: Following | None = None) -> TaskRecord:
-        """The task as it stands when it ends or the caller's wait runs out, whichever comes first."""
-        following = following or self._following.get(record.task_id)
-        if following is None:
-            return self._await_stored(record, deadline)
-        following.ended.wait(max(0.0, deadline - time.monotonic()))
-        if following.refusal is not None:
-            raise following.refusal
-        if following.watching and not following.ended.is_set():  # how it stands may have changed elsewhere
-            return self._quietly(self.store.task, following.record.task_id) or following.record
-        return following.record
-
-    def _await_stored(self, record: TaskRecord, deadline: float) -> TaskRecord:
-        """Wait for a task another process follows: its end is in the store, and a notification says when."""
-        with self.store.listen(record.task_id) as woken:
-            current = self.store.task(record.task_id) or record
-            while current.state in WAITING and woken.wait(max(0.0, deadline - time.monotonic())):
-                woken.clear()
-                current = self.store.task(record.task_id) or current
-        return current
 
     # -- small helpers -------------------------------------------------------------------------
 
@@ -605,12 +499,6 @@ class Lifecycle:
         except StoreUnavailable:
             log.warning("the store is unavailable: %s skipped for now", action.__name__)
             return None
-
-
-def _is_over(item: Following | Watch) -> bool:
-    if isinstance(item, Watch):
-        return item.following.ended.is_set() or not item.following.watching
-    return item.ended.is_set()
 
 
 def nothing_made(record: TaskRecord) -> bool:

@@ -61,7 +61,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._rests_in_a_row: dict[str | None, int] = {}
         self._resting_until: dict[str | None, float] = {}
-        self._waiting_for_room = False  # the last look left tasks queued for want of running room
+        self.waiting_left = False  # the last look left tasks in the queue
         self._next_expiry = 0.0
 
     def start(self) -> None:
@@ -78,8 +78,8 @@ class Dispatcher:
         self._wake.set()
 
     def task_ended(self) -> None:
-        """A task ended: a key may have room for another."""
-        if self._waiting_for_room:
+        """A task ended: a key may have room for one of the tasks left in the queue."""
+        if self.waiting_left:
             self._wake.set()
 
     def hold_after_busy(self, key_id: str | None, retry_after: float | None) -> float:
@@ -109,15 +109,13 @@ class Dispatcher:
                 self.expire(record)
         next_chance = None
         while not self.background.stopping.is_set():
-            taken, next_chance = self.store.take_turns(
-                self.follower, now, self.pacing, self.usable_keys(), TURNS_AT_ONCE
-            )
-            for record in taken:
+            turns = self.store.take_turns(self.follower, now, self.pacing, self.usable_keys(), TURNS_AT_ONCE)
+            for record in turns.taken:
                 self.submit(record)
-            if len(taken) < TURNS_AT_ONCE:
+            self.waiting_left, next_chance = turns.left, turns.next_chance
+            if len(turns.taken) < TURNS_AT_ONCE:
                 break
             now = self.clock()
-        self._waiting_for_room = next_chance is None and self.pacing.max_running is not None
         return LOOK_EVERY if next_chance is None else max(0.0, min(LOOK_EVERY, next_chance - now))
 
     def _run(self) -> None:

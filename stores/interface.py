@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from config import Pacing
-from stores.records import IdempotencyKey, Picture, TaskRecord
+from stores.records import IdempotencyKey, Picture, TaskRecord, Turns
 
 
 class Chains(Protocol):
@@ -70,12 +70,10 @@ class Queue(Protocol):
     """Generations waiting for their turn at the upstream, paid nothing yet (CONTRACT §11). A task recorded as
     QUEUED gets its turn from the store: the lanes (conversations) take turns, a lane's own tasks keep their order."""
 
-    def take_turns(
-        self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int
-    ) -> tuple[list[TaskRecord], float | None]:
+    def take_turns(self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int) -> Turns:
         """Up to `limit` queued tasks, in their turns, each given a key whose pacing allows a submission now;
-        from here on they are pending and followed by `follower`. Also when a key may allow one again
-        (None: not before a task ends or is queued)."""
+        from here on they are pending and followed by `follower`. Also when a key may allow one again, and
+        whether tasks are left in the queue."""
 
     def sent(self, task_id: str, key_id: str, at: float) -> None:
         """The submission of a task whose turn was taken with this key was answered at `at`: it reached the

@@ -101,6 +101,15 @@ class Picture:
 
 
 @dataclass(frozen=True)
+class Turns:
+    """What one take of turns from the queue gave (stores/interface.py, `take_turns`)."""
+
+    taken: list[TaskRecord]  # pending from now on, each with the key its turn was taken with
+    next_chance: float | None  # when a key may allow a submission again; None: not before a task ends or is queued
+    left: bool  # tasks are still queued after this take
+
+
+@dataclass(frozen=True)
 class IdempotencyKey:
     """A caller's idempotency key, scoped to its access token, and the request it stands for."""
 

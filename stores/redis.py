@@ -29,6 +29,7 @@ from stores.records import (
     Picture,
     TaskRecord,
     TaskState,
+    Turns,
     task_fields,
     task_record,
 )
@@ -129,8 +130,8 @@ return 1
 """
 # KEYS: queue, turn reached, followers; ARGV: prefix, follower, now, rate ("" off), spacing, max running ("" off),
 # limit, first lease's end, task TTL, longest submission, then the usable key ids.
-# Returns the tasks taken (each its hash, read in the script: none is taken without being handed over), and when a
-# key next allows one.
+# Returns the tasks taken (each its hash, read in the script: none is taken without being handed over), when a key
+# next allows one, and how many are left queued.
 _TAKE_TURNS = """
 local prefix, follower, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rate, spacing, max_running, limit = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -199,7 +200,7 @@ if #taken > 0 then
     redis.call('ZADD', KEYS[3], 'NX', ARGV[8], follower)
     keys, allowance, next_chance = allowances()
 end
-return {taken, next_chance and tostring(next_chance) or ''}
+return {taken, next_chance and tostring(next_chance) or '', redis.call('ZCARD', KEYS[1])}
 """
 # KEYS: task, queue, queued_at; ARGV: prefix, task id, key held until ("" not held), milliseconds it is held,
 # follower
@@ -430,17 +431,15 @@ class RedisStore:
 
     # -- the queue ---------------------------------------------------------------------------
 
-    def take_turns(
-        self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int
-    ) -> tuple[list[TaskRecord], float | None]:
+    def take_turns(self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int) -> Turns:
         keys = [self._key("queue"), self._key("turn"), self._key("followers")]
         off = ""
         args = [self.prefix, follower, repr(now), off if pacing.rate is None else pacing.rate, pacing.spacing]
         args += [off if pacing.max_running is None else pacing.max_running, limit, now + FOLLOWER_LEASE, TASK_TTL]
         args.append(pacing.longest_submission)
-        taken, next_chance = self._call(self._take_turns, keys=keys, args=[*args, *key_ids])
+        taken, next_chance, left = self._call(self._take_turns, keys=keys, args=[*args, *key_ids])
         records = [_task_record(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in taken]
-        return records, float(next_chance) if next_chance else None
+        return Turns(records, float(next_chance) if next_chance else None, left > 0)
 
     def sending(self, task_id: str, at: float) -> None:
         self._call(self._sending, keys=[self._key("task:", task_id)], args=[at])

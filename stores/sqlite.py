@@ -27,6 +27,7 @@ from stores.records import (
     Picture,
     TaskRecord,
     TaskState,
+    Turns,
     task_fields,
     task_record,
 )
@@ -304,15 +305,15 @@ class SqliteStore:
 
     # -- the queue ---------------------------------------------------------------------------
 
-    def take_turns(
-        self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int
-    ) -> tuple[list[TaskRecord], float | None]:
+    def take_turns(self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int) -> Turns:
         with self._transaction() as db:
             allowance, next_chance = self._allowances(db, now, pacing, key_ids, limit)
-            rows = db.execute(
+            wanted = min(limit, sum(allowance.values()))
+            rows = db.execute(  # one more than wanted: is any left?
                 f"SELECT {_COLUMNS} FROM tasks WHERE state = '{TaskState.QUEUED}' ORDER BY turn, sequence LIMIT ?",
-                (min(limit, sum(allowance.values())),),
+                (wanted + 1,),
             ).fetchall()
+            left, rows = len(rows) > wanted, rows[:wanted]
             taken = [
                 task_record({**row, "state": TaskState.PENDING, "follower": follower, "key_id": key_id})
                 for row, key_id in zip(rows, _turns_of_keys(allowance), strict=False)
@@ -331,7 +332,7 @@ class SqliteStore:
                 db.execute("UPDATE turns SET current = max(current, ?)", (max(record.turn for record in taken),))
                 db.execute("INSERT OR IGNORE INTO followers VALUES (?, ?)", (follower, now + FOLLOWER_LEASE))
                 next_chance = self._allowances(db, now, pacing, key_ids, limit)[1]
-        return taken, next_chance
+        return Turns(taken, next_chance, left)
 
     def sending(self, task_id: str, at: float) -> None:
         self._run("UPDATE tasks SET sending_at = ? WHERE task_id = ?", (at, task_id))

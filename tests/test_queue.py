@@ -171,7 +171,7 @@ def test_a_turn_taken_by_a_process_that_died_before_sending_goes_back_and_is_sen
     heir = make_app(database_path=database, api_keys=("key-one",))
     parts = heir.extensions["nanobanana"]
     unpaced = Pacing(rate=None, max_running=None)
-    [taken], _ = parts.store.take_turns("ghost", time.time(), unpaced, [parts.client.keys.key_id(1)], 1)
+    [taken] = parts.store.take_turns("ghost", time.time(), unpaced, [parts.client.keys.key_id(1)], 1).taken
     parts.store.retire("ghost")  # it died before sending: its lease is over
     start_background(heir)
     done = wait_until(lambda: (a := heir.test_client().get(waiting["status_url"])).status_code == 200 and a, 10)

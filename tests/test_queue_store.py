@@ -37,15 +37,15 @@ def queue(store: Store, task_id: str, user: str | None = "alice", lane: str | No
 
 
 def take(store: Store, pacing: Pacing = UNPACED, keys=("key-a",), limit: int = 100, follower="worker-b"):
-    taken, next_chance = store.take_turns(follower, store.clock(), pacing, list(keys), limit)
-    return [record.task_id for record in taken], next_chance
+    turns = store.take_turns(follower, store.clock(), pacing, list(keys), limit)
+    return [record.task_id for record in turns.taken], turns.next_chance
 
 
 def test_queued_tasks_wait_and_are_taken_once_with_what_they_asked_for(store):
     queue(store, "t1")
     assert store.task("t1").state == TaskState.QUEUED
     assert store.queue_depth() == 1
-    taken, _ = store.take_turns("worker-b", store.clock(), UNPACED, ["key-a"], 10)
+    taken = store.take_turns("worker-b", store.clock(), UNPACED, ["key-a"], 10).taken
     assert [(r.task_id, r.state, r.follower, r.key_id) for r in taken] == [("t1", "pending", "worker-b", "key-a")]
     assert (taken[0].model, taken[0].resolution, taken[0].prompt) == ("nano-banana-pro", "2K", "picture t1")
     assert store.task("t1").state == TaskState.PENDING and store.task("t1").key_id == "key-a"
@@ -100,7 +100,7 @@ def test_a_submission_never_answered_counts_until_it_could_no_longer_arrive(stor
 def test_keys_add_up_their_allowances_taking_turns(store):
     for n in range(5):
         queue(store, f"t{n}")
-    taken, _ = store.take_turns("w", store.clock(), Pacing(rate=2, max_running=None), ["k1", "k2"], 10)
+    taken = store.take_turns("w", store.clock(), Pacing(rate=2, max_running=None), ["k1", "k2"], 10).taken
     assert [r.key_id for r in taken] == ["k1", "k2", "k1", "k2"]
 
 
