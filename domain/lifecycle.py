@@ -38,7 +38,7 @@ from domain.params import GenerationRequest
 from domain.polls import PollSchedule
 from domain.queue import Dispatcher
 from domain.waiting import WAITING, Following, Waiting, Watch, is_over
-from errors import AlreadySubmitted, InvalidRequest, NoKeyUsable, NotConfigured, QueueFull, StoreUnavailable
+from errors import AlreadySubmitted, InvalidRequest, NoKeyUsable, NotConfigured, StoreUnavailable
 from nanobanana_client import (
     CALLBACK_PLACEHOLDER,
     PENDING,
@@ -146,14 +146,16 @@ class Lifecycle:
             self.store.release_key(key, earlier.task_id)
         elif earlier is not None:
             return self.waiting.until_ended(earlier, deadline)
-        self._check_room()
+        self._check_keys()
         conversation = conversation_key(owner, wanted.user_id)
         remembered = None if wanted.reset else conversation  # reset: the remembered picture is not edited
         generation, used_previous = self.conversations.source(wanted, remembered, owner)
         if wanted.reset and conversation:  # the copies go in the background: the caller waits for its picture
             self.conversations.forget(conversation, spare=generation.image_urls, wait=False)
         record, new = self.store.record_task(
-            self._new_record(generation, used_previous, owner, conversation, wanted, deliver_to), key
+            self._new_record(generation, used_previous, owner, conversation, wanted, deliver_to),
+            key,
+            queue_max=self.settings.queue_max,
         )
         following = self._wait_in_line(record) if new else None
         return self.waiting.until_ended(record, deadline, following)
@@ -250,16 +252,14 @@ class Lifecycle:
             lane=conversation or f"owner:{owner}",
         )
 
-    def _check_room(self) -> None:
-        """A new generation may join the queue: a key is usable, and the queue is not full (CONTRACT §11).
-        Both are refused before anything is recorded, as ServiceErrors (a chat says them as they are)."""
+    def _check_keys(self) -> None:
+        """A new generation needs a usable key; without one it is refused before anything is recorded, as a
+        ServiceError (a chat says it as it is), like a full queue (QueueFull, from record_task)."""
         try:
             self.client.first_usable_key()
         except UpstreamUnavailable as no_key:
             retry = {"Retry-After": str(round(no_key.retry_after))} if no_key.retry_after else None
             raise NoKeyUsable(no_key.message, retry) from None
-        if self.store.queue_depth() >= self.settings.queue_max:
-            raise QueueFull()
 
     def _record_callback(self, end: TaskRecord) -> None:
         try:

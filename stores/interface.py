@@ -36,8 +36,12 @@ class Chains(Protocol):
 class Ledger(Protocol):
     """Every generation, recorded before anything is spent, with its idempotency key."""
 
-    def record_task(self, record: TaskRecord, key: IdempotencyKey | None = None) -> tuple[TaskRecord, bool]:
+    def record_task(
+        self, record: TaskRecord, key: IdempotencyKey | None = None, queue_max: int | None = None
+    ) -> tuple[TaskRecord, bool]:
         """Record a new task (True), or return the task an earlier request with this key made (False).
+
+        A queued one is not recorded when `queue_max` tasks are queued already: QueueFull.
 
         A follower the store does not know yet gets a lease of FOLLOWER_LEASE seconds with it.
         """

@@ -20,7 +20,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from config import IDEMPOTENCY_TTL, TASK_TTL, Pacing
-from errors import IdempotencyConflict, StoreUnavailable
+from errors import IdempotencyConflict, QueueFull, StoreUnavailable
 from stores.records import (
     CHAIN_LENGTH,
     FOLLOWER_LEASE,
@@ -57,18 +57,20 @@ _QUEUE_MEMBER_LUA = (
 )
 
 # KEYS: task, sequence counter, followers, idempotency key (or the task again); ARGV: prefix, task id,
-# follower, first lease's end, keyed ("1"/""), fingerprint, task TTL, key TTL, then the task's fields.
+# follower, first lease's end, keyed ("1"/""), fingerprint, task TTL, key TTL, queue max ("": none), then the
+# task's fields. Returns the task id, the sequence (or the earlier task's fingerprint) and the turn; "" when full.
 _RECORD = """
+local earlier = ARGV[5] == '1' and redis.call('HMGET', KEYS[4], 'task_id', 'fingerprint') or {}
+if earlier[1] and redis.call('EXISTS', ARGV[1] .. 'task:' .. earlier[1]) == 1 then
+    return {earlier[1], earlier[2], '0'}
+end
+if ARGV[9] ~= '' and redis.call('ZCARD', ARGV[1] .. 'queue') >= tonumber(ARGV[9]) then return {'', '', ''} end
 if ARGV[5] == '1' then
-    local earlier = redis.call('HMGET', KEYS[4], 'task_id', 'fingerprint')
-    if earlier[1] and redis.call('EXISTS', ARGV[1] .. 'task:' .. earlier[1]) == 1 then
-        return {earlier[1], earlier[2], '0'}
-    end
     redis.call('HSET', KEYS[4], 'task_id', ARGV[2], 'fingerprint', ARGV[6])
     redis.call('EXPIRE', KEYS[4], ARGV[8])
 end
 local sequence = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'sequence', sequence, unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], 'sequence', sequence, unpack(ARGV, 10))
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 local turn = 0
 local queued = redis.call('HMGET', KEYS[1], 'state', 'lane', 'created_at')
@@ -370,7 +372,9 @@ class RedisStore:
 
     # -- the ledger ------------------------------------------------------------------------
 
-    def record_task(self, record: TaskRecord, key: IdempotencyKey | None = None) -> tuple[TaskRecord, bool]:
+    def record_task(
+        self, record: TaskRecord, key: IdempotencyKey | None = None, queue_max: int | None = None
+    ) -> tuple[TaskRecord, bool]:
         task_key = self._key("task:", record.task_id)
         keys = [
             task_key,
@@ -381,8 +385,10 @@ class RedisStore:
         values = task_fields(record)
         del values["sequence"]
         args = [self.prefix, record.task_id, record.follower, self.clock() + FOLLOWER_LEASE, "1" if key else ""]
-        args += [key.fingerprint if key else "", TASK_TTL, IDEMPOTENCY_TTL, *_pairs(values)]
-        task_id, detail, turn = self._call(self._record, keys=keys, args=args)
+        args += [key.fingerprint if key else "", TASK_TTL, IDEMPOTENCY_TTL, "" if queue_max is None else queue_max]
+        task_id, detail, turn = self._call(self._record, keys=keys, args=[*args, *_pairs(values)])
+        if not task_id:
+            raise QueueFull()
         if task_id == record.task_id:
             return replace(record, sequence=int(detail), turn=int(turn)), True
         if key is None or detail != key.fingerprint:

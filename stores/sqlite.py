@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
 from config import IDEMPOTENCY_TTL, TASK_TTL, Pacing
-from errors import IdempotencyConflict, StoreUnavailable
+from errors import IdempotencyConflict, QueueFull, StoreUnavailable
 from stores.records import (
     CHAIN_LENGTH,
     FOLLOWER_LEASE,
@@ -232,12 +232,17 @@ class SqliteStore:
 
     # -- the ledger ------------------------------------------------------------------------
 
-    def record_task(self, record: TaskRecord, key: IdempotencyKey | None = None) -> tuple[TaskRecord, bool]:
+    def record_task(
+        self, record: TaskRecord, key: IdempotencyKey | None = None, queue_max: int | None = None
+    ) -> tuple[TaskRecord, bool]:
         with self._transaction() as db:
             if key is not None:
                 existing = self._keyed_task(db, key)
                 if existing is not None:
                     return existing, False
+            if queue_max is not None and self._queue_depth(db) >= queue_max:
+                raise QueueFull()
+            if key is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
                     (key.scope, key.fingerprint, record.task_id, record.created_at),
@@ -390,15 +395,21 @@ class SqliteStore:
         return row["position"] if row else None
 
     def queue_depth(self) -> int:
-        return self._one(f"SELECT count(*) AS depth FROM tasks WHERE state = '{TaskState.QUEUED}'", ())["depth"]
+        with self._lock, _unavailable_on_error():
+            return self._queue_depth(self._db)
+
+    @staticmethod
+    def _queue_depth(db: sqlite3.Connection) -> int:
+        return db.execute(f"SELECT count(*) AS depth FROM tasks WHERE state = '{TaskState.QUEUED}'").fetchone()["depth"]
 
     def _next_turn(self, db: sqlite3.Connection, lane: str | None) -> int:
         """The lane's next turn: right after its last one still queued, never before the turn the queue has reached."""
-        current = db.execute("SELECT current FROM turns").fetchone()["current"]
-        last = db.execute(
-            f"SELECT max(turn) AS turn FROM tasks WHERE state = '{TaskState.QUEUED}' AND lane = ?", (lane,)
-        ).fetchone()["turn"]
-        return current if last is None else max(current, last + 1)
+        turns = db.execute(
+            "SELECT (SELECT current FROM turns) AS current, "
+            f"(SELECT max(turn) FROM tasks WHERE state = '{TaskState.QUEUED}' AND lane = ?) AS last",
+            (lane,),
+        ).fetchone()
+        return turns["current"] if turns["last"] is None else max(turns["current"], turns["last"] + 1)
 
     def _allowances(
         self, db: sqlite3.Connection, now: float, pacing: Pacing, key_ids: list[str], limit: int

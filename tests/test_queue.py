@@ -151,8 +151,8 @@ def test_a_caller_whose_task_this_process_took_at_once_still_gets_the_picture(ma
     lifecycle = app.extensions["nanobanana"].lifecycle
     record_task = lifecycle.store.record_task
 
-    def record_then_take(*args):
-        recorded = record_task(*args)
+    def record_then_take(*args, **kwargs):
+        recorded = record_task(*args, **kwargs)
         lifecycle.queue.look()  # the turn is taken, and its submission started, before the caller waits
         return recorded
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from config import Pacing
+from errors import QueueFull
 from stores.interface import Store
 from stores.records import TaskRecord, TaskState
 
@@ -184,3 +187,12 @@ def test_a_lane_whose_tasks_left_the_queue_starts_again_at_the_current_turn(stor
         store.end_queued(replace(record, state=TaskState.CANCELLED))
     queue(store, "alice-again", "alice")
     assert take(store)[0] == ["bob-1", "alice-again", "bob-2"]
+
+
+def test_a_full_queue_records_nothing(store):
+    queue(store, "t1")
+    record = replace(store.task("t1"), task_id="t2")
+    with pytest.raises(QueueFull):
+        store.record_task(replace(record, sequence=0), queue_max=1)
+    assert store.task("t2") is None and store.queue_depth() == 1
+    assert store.record_task(replace(record, task_id="t3", sequence=0), queue_max=2)[1]
