@@ -270,9 +270,9 @@ class Lifecycle:
     # -- following a task ------------------------------------------------------------------
 
     def _wait_in_line(self, record: TaskRecord) -> Following | None:
-        """A task just queued here: its caller waits here, and the dispatcher looks at once."""
+        """A task just queued here: its caller waits here, and its turn is taken at once if it has come."""
         following = self.waiting.in_line(record)
-        self.queue.wake()
+        self.queue.offer()
         return following
 
     def _take_turn(self, record: TaskRecord) -> None:

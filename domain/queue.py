@@ -57,6 +57,7 @@ class Dispatcher:
         self.clock = clock
         self._wake = threading.Event()
         self._starting = threading.Lock()
+        self._looking = threading.Lock()  # one look at a time in this process: the dispatcher's, or a caller's
         self._started = False
         self._lock = threading.Lock()
         self._rests_in_a_row: dict[str | None, int] = {}
@@ -72,10 +73,27 @@ class Dispatcher:
                 self.background.loop("queue", self._run, wake=self._wake.set)
 
     def wake(self) -> None:
-        """A task was queued, or sent back to the queue: look now."""
+        """A task was sent back to the queue, or a key may allow one: look now."""
         if not self._started:
             self.start()
         self._wake.set()
+
+    def offer(self) -> None:
+        """A task was queued here: take the turns that have come at once, in the caller's thread, unless a look is
+        under way (then the dispatcher looks again right after it). A caller alone is spared the hand-over to
+        the dispatcher; callers at once still have their turns taken together."""
+        if not self._started:
+            self.start()  # the turns that have not come yet are the dispatcher's
+        if not self._looking.acquire(blocking=False):
+            self.wake()
+            return
+        try:
+            self._take_turns(self.clock())
+        except Exception as failure:  # the task is recorded: the dispatcher takes it, now or when the store is back
+            log.info("taking turns at once failed (%s); the dispatcher takes them", failure)
+            self.wake()
+        finally:
+            self._looking.release()
 
     def task_ended(self) -> None:
         """A task ended: a key may have room for one of the tasks left in the queue."""
@@ -103,10 +121,16 @@ class Dispatcher:
     def look(self) -> float:
         """Take the turns that have come and end the tasks queued too long; the seconds until the next look."""
         now = self.clock()
-        if now >= self._next_expiry:
-            self._next_expiry = now + min(EXPIRE_EVERY, self.max_wait / 4)
-            for record in self.store.queued_before(now - self.max_wait, TURNS_AT_ONCE):
-                self.expire(record)
+        with self._looking:
+            if now >= self._next_expiry:
+                self._next_expiry = now + min(EXPIRE_EVERY, self.max_wait / 4)
+                for record in self.store.queued_before(now - self.max_wait, TURNS_AT_ONCE):
+                    self.expire(record)
+            next_chance = self._take_turns(now)
+        return LOOK_EVERY if next_chance is None else max(0.0, min(LOOK_EVERY, next_chance - self.clock()))
+
+    def _take_turns(self, now: float) -> float | None:
+        """Take every turn that has come, handing each task to `submit`; when a key may allow another."""
         next_chance = None
         while not self.background.stopping.is_set():
             turns = self.store.take_turns(self.follower, now, self.pacing, self.usable_keys(), TURNS_AT_ONCE)
@@ -116,7 +140,7 @@ class Dispatcher:
             if len(turns.taken) < TURNS_AT_ONCE:
                 break
             now = self.clock()
-        return LOOK_EVERY if next_chance is None else max(0.0, min(LOOK_EVERY, next_chance - now))
+        return next_chance
 
     def _run(self) -> None:
         store_away = False
