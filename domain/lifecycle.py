@@ -109,6 +109,7 @@ class Lifecycle:
             self._usable_key_ids,
             self._take_turn,
             self._queued_too_long,
+            self._stranded,
             settings.queue_max_wait,
             background,
         )
@@ -270,9 +271,9 @@ class Lifecycle:
     # -- following a task ------------------------------------------------------------------
 
     def _wait_in_line(self, record: TaskRecord) -> Following | None:
-        """A task just queued here: its caller waits here, and its turn is taken at once if it has come."""
+        """A task just queued here: its caller waits here, and the dispatcher looks at once."""
         following = self.waiting.in_line(record)
-        self.queue.offer()
+        self.queue.wake()
         return following
 
     def _take_turn(self, record: TaskRecord) -> None:
@@ -298,8 +299,11 @@ class Lifecycle:
 
     def _submit(self, following: Following) -> None:
         record = following.record = replace(following.record, sending_at=time.time())
-        if not self._until_stored(lambda: self.store.sending(record.task_id, record.sending_at) or True):
-            return  # stopping, and the store was away: not sent, so it goes back to the queue when taken over
+        marked = self._until_stored(self.store.sending, record.task_id, self.follower_id, record.sending_at)
+        if not marked:  # not sent: it went back to the queue meanwhile (False), or this process is stopping (None)
+            if marked is False:
+                self.waiting.watch(following, replace(record, sending_at=None))
+            return
         try:
             task = self._send(record)
         except (UpstreamBusy, KeyRefused) as not_now:
@@ -357,6 +361,13 @@ class Lifecycle:
         """Nothing was made: the caller hears why (and may use its idempotency key again, see nothing_made)."""
         following.refusal = failure
         self._finish(following, settled(following.record, TaskState.FAILED, failure.code, failure.message))
+
+    def _stranded(self, record: TaskRecord) -> None:
+        """A turn this process took long ago and never started to send (its work was lost): back to the queue.
+        Should its submission still come, it finds the task no longer this process's, and does not send it."""
+        log.warning("task %s goes back to the queue: its turn was taken here and never used", record.task_id)
+        self._quietly(self.store.requeue, record.task_id, self.follower_id)
+        self.queue.wake()
 
     def _queued_too_long(self, record: TaskRecord) -> None:
         """QUEUE_MAX_WAIT passed in the queue: the task fails, nothing paid (its idempotency key is free again)."""

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 LOOK_EVERY = 1.0  # seconds between two looks at the queue when nothing wakes the dispatcher
 EXPIRE_EVERY = 5.0  # seconds between two looks for tasks queued too long
 TURNS_AT_ONCE = 200  # turns taken in one go
+SWEEP_EVERY = 60.0  # seconds between two looks for turns taken here and never used (work lost to a bug or an outage)
+STRANDED_AFTER = 30.0  # a turn taken this long ago and never marked as sending was lost
 BUSY_HOLD = 1.0  # seconds a key rests after the upstream said it was busy, doubled for each rest in a row
 BUSY_HOLD_MAX = 60.0
 
@@ -40,30 +42,34 @@ class Dispatcher:
         usable_keys: Callable[[], list[str]],
         submit: Callable[[TaskRecord], None],
         expire: Callable[[TaskRecord], None],
+        stranded: Callable[[TaskRecord], None],
         max_wait: float,
         background: Background,
         clock: Callable[[], float] = time.time,
     ):
         """`submit(record)` sends a task whose turn came (it is pending now, with its key); `expire(record)` ends
-        a task queued longer than `max_wait` seconds; `usable_keys()` are the ids of the keys not set aside."""
+        a task queued longer than `max_wait` seconds; `stranded(record)` puts back a task whose turn was taken here
+        long ago and never used; `usable_keys()` are the ids of the keys not set aside."""
         self.store = store
         self.pacing = pacing
         self.follower = follower
         self.usable_keys = usable_keys
         self.submit = submit
         self.expire = expire
+        self.stranded = stranded
         self.max_wait = max_wait
         self.background = background
         self.clock = clock
         self._wake = threading.Event()
         self._starting = threading.Lock()
-        self._looking = threading.Lock()  # one look at a time in this process: the dispatcher's, or a caller's
+        self._looking = threading.Lock()  # one look at a time in this process
         self._started = False
         self._lock = threading.Lock()
         self._rests_in_a_row: dict[str | None, int] = {}
         self._resting_until: dict[str | None, float] = {}
         self.waiting_left = False  # the last look left tasks in the queue
         self._next_expiry = 0.0
+        self._next_sweep = 0.0
 
     def start(self) -> None:
         """Look at the queue from now on (the first wake starts it too)."""
@@ -77,23 +83,6 @@ class Dispatcher:
         if not self._started:
             self.start()
         self._wake.set()
-
-    def offer(self) -> None:
-        """A task was queued here: take the turns that have come at once, in the caller's thread, unless a look is
-        under way (then the dispatcher looks again right after it). A caller alone is spared the hand-over to
-        the dispatcher; callers at once still have their turns taken together."""
-        if not self._started:
-            self.start()  # the turns that have not come yet are the dispatcher's
-        if not self._looking.acquire(blocking=False):
-            self.wake()
-            return
-        try:
-            self._take_turns(self.clock())
-        except Exception as failure:  # the task is recorded: the dispatcher takes it, now or when the store is back
-            log.info("taking turns at once failed (%s); the dispatcher takes them", failure)
-            self.wake()
-        finally:
-            self._looking.release()
 
     def task_ended(self) -> None:
         """A task ended: a key may have room for one of the tasks left in the queue."""
@@ -126,8 +115,16 @@ class Dispatcher:
                 self._next_expiry = now + min(EXPIRE_EVERY, self.max_wait / 4)
                 for record in self.store.queued_before(now - self.max_wait, TURNS_AT_ONCE):
                     self.expire(record)
+            if now >= self._next_sweep:
+                self._next_sweep = now + SWEEP_EVERY
+                self.sweep(now)
             next_chance = self._take_turns(now)
         return LOOK_EVERY if next_chance is None else max(0.0, min(LOOK_EVERY, next_chance - self.clock()))
+
+    def sweep(self, now: float) -> None:
+        """Put back the turns this process took long ago and never used (their work was lost)."""
+        for record in self.store.unsent(self.follower, now - STRANDED_AFTER, TURNS_AT_ONCE):
+            self.stranded(record)
 
     def _take_turns(self, now: float) -> float | None:
         """Take every turn that has come, handing each task to `submit`; when a key may allow another."""

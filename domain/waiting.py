@@ -35,6 +35,7 @@ class Following:
     ended: threading.Event = field(default_factory=threading.Event)
     refusal: NanoBananaError | None = None  # the upstream refused the submission: nothing was made
     watching: bool = False  # only waited for here: its end comes by a notification, or a look in the store
+    watches: int = 0  # Watches scheduled for it; only the latest one is alive
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Watch:
     """A look in the store at a watched task, in the poll schedule: in case the notification of its end is lost."""
 
     following: Following
+    number: int  # of the Watches of the task: an earlier one is dropped
 
 
 class Waiting:
@@ -63,7 +65,7 @@ class Waiting:
             following = self._following.setdefault(record.task_id, Following(record, watching=True))
             watching = following.watching
         if watching:
-            self.schedule(Watch(following), time.time() + WATCH_EVERY)
+            self._schedule_watch(following)
         return following
 
     def own(self, record: TaskRecord) -> Following | None:
@@ -81,9 +83,10 @@ class Waiting:
         return following
 
     def watch(self, following: Following, record: TaskRecord) -> None:
-        """A task followed here goes back to the queue: from now on it is only watched."""
+        """A task followed here is no longer this process's (it went back to the queue): from now on it is only
+        watched."""
         following.record, following.watching = record, True
-        self.schedule(Watch(following), time.time() + WATCH_EVERY)
+        self._schedule_watch(following)
 
     def release(self, following: Following) -> None:
         """The task ended (or this process stops following it): whoever waits is answered with its record."""
@@ -108,7 +111,7 @@ class Waiting:
             self.adopt(stored)
         elif not following.ended.is_set():
             following.record = stored or following.record
-            self.schedule(Watch(following), time.time() + WATCH_EVERY)
+            self._schedule_watch(following)
 
     def answer_all(self) -> None:
         """Stopping: whoever still waits gets the task as it stands."""
@@ -142,6 +145,10 @@ class Waiting:
                 current = self.store.task(record.task_id) or current
         return current
 
+    def _schedule_watch(self, following: Following) -> None:
+        following.watches += 1
+        self.schedule(Watch(following, following.watches), time.time() + WATCH_EVERY)
+
     def _woken(self, task_id: str) -> None:
         """Some process says the task ended (a callback or a status request it received): look it up."""
         if task_id in self._following:
@@ -159,5 +166,6 @@ class Waiting:
 def is_over(item: Following | Watch) -> bool:
     """An item of the poll schedule that no longer needs its turn."""
     if isinstance(item, Watch):
-        return item.following.ended.is_set() or not item.following.watching
+        following = item.following
+        return following.ended.is_set() or not following.watching or item.number != following.watches
     return item.ended.is_set()

@@ -83,9 +83,13 @@ class Queue(Protocol):
         """The submission of a task whose turn was taken with this key was answered at `at`: it reached the
         upstream by then, and counts in the key's window as sent then (until now, as late as it could)."""
 
-    def sending(self, task_id: str, at: float) -> None:
+    def sending(self, task_id: str, follower: str, at: float) -> bool:
         """The task's submission is about to go: from now on nobody can tell, without its answer, whether it went.
-        A task taken and never marked so was not sent, and may go back to the queue (`requeue`)."""
+        False, and it must not go, unless the task is pending, unsubmitted and followed by `follower`. A task
+        taken and never marked so was not sent, and may go back to the queue (`requeue`)."""
+
+    def unsent(self, follower: str, taken_before: float, limit: int) -> list[TaskRecord]:
+        """Tasks whose turn `follower` took before that moment and never marked as sending (stranded there)."""
 
     def requeue(self, task_id: str, follower: str, hold_key_until: float | None = None) -> bool:
         """A taken turn that was not used (the upstream was busy, or refused the key, or it was never sent): the

@@ -57,6 +57,7 @@ class TaskRecord:
     upstream_task_id: str | None = None
     key_id: str | None = None  # which API key made it (a fingerprint, never the key)
     submitted_at: float | None = None
+    taken_at: float | None = None  # when its turn was taken from the queue (the last time, if it went back)
     sending_at: float | None = None  # when its submission was about to go: a task taken but never sent has none
     state: str = TaskState.PENDING
     image_urls: tuple[str, ...] = ()
@@ -121,7 +122,7 @@ class IdempotencyKey:
 
 TASK_FIELDS = tuple(field.name for field in fields(TaskRecord))
 _TUPLES = ("source_image_urls", "image_urls", "upstream_image_urls")
-_FLOATS = ("created_at", "submitted_at", "sending_at", "completed_at", "webhook_due")
+_FLOATS = ("created_at", "submitted_at", "taken_at", "sending_at", "completed_at", "webhook_due")
 _INTEGERS = ("sequence", "webhook_attempts", "turn", "num_images")  # 0 when missing
 _TEXTS_NEVER_NONE = ("owner", "follower", "model")
 # Every store write and read of a task passes through these two, several times per generation: each is written

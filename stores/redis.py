@@ -16,8 +16,6 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, replace
 
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.retry import Retry
 
 from config import IDEMPOTENCY_TTL, TASK_TTL, Pacing
 from errors import IdempotencyConflict, QueueFull, StoreUnavailable
@@ -101,7 +99,10 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local task = redis.call('HMGET', KEYS[1], 'task_id', 'follower', 'state', 'conversation', 'sequence',
                         'upstream_task_id', 'key_id')
-if stored[2] then redis.call('SREM', ARGV[1] .. 'following:' .. stored[2], task[1]) end
+if stored[2] then
+    redis.call('SREM', ARGV[1] .. 'following:' .. stored[2], task[1])
+    redis.call('ZREM', ARGV[1] .. 'unsent:' .. stored[2], task[1])
+end
 if task[7] and task[7] ~= '' then redis.call('ZREM', ARGV[1] .. 'running:' .. task[7], task[1]) end
 redis.call('SREM', ARGV[1] .. 'following:' .. task[2], task[1])
 if task[6] and task[6] ~= '' then
@@ -186,8 +187,10 @@ for _, member in ipairs(members) do
     if stored[1] == '$queued' then
         allowance[chosen] = allowance[chosen] - 1
         if stored[3] and stored[3] ~= '' then redis.call('SREM', prefix .. 'following:' .. stored[3], id) end
-        redis.call('HSET', task, 'state', '$pending', 'follower', follower, 'key_id', chosen)
+        redis.call('HSET', task, 'state', '$pending', 'follower', follower, 'key_id', chosen, 'taken_at', ARGV[3])
         redis.call('SADD', prefix .. 'following:' .. follower, id)
+        redis.call('ZADD', prefix .. 'unsent:' .. follower, now, id)
+        redis.call('EXPIRE', prefix .. 'unsent:' .. follower, ARGV[9])
         redis.call('ZADD', prefix .. 'running:' .. chosen, now, id)
         if rate then
             redis.call('ZADD', prefix .. 'pace:' .. chosen, now + tonumber(ARGV[10]), id)
@@ -216,7 +219,10 @@ if t[3] and t[3] ~= '' then
     redis.call('ZREM', ARGV[1] .. 'running:' .. t[3], ARGV[2])
     if ARGV[3] ~= '' then redis.call('SET', ARGV[1] .. 'hold:' .. t[3], ARGV[3], 'PX', ARGV[4]) end
 end
-if t[4] and t[4] ~= '' then redis.call('SREM', ARGV[1] .. 'following:' .. t[4], ARGV[2]) end
+if t[4] and t[4] ~= '' then
+    redis.call('SREM', ARGV[1] .. 'following:' .. t[4], ARGV[2])
+    redis.call('ZREM', ARGV[1] .. 'unsent:' .. t[4], ARGV[2])
+end
 redis.call('ZADD', KEYS[2], 0, queue_member(tonumber(t[5]), tonumber(t[6]), ARGV[2]))
 redis.call('ZADD', KEYS[3], t[7], ARGV[2])
 return 1
@@ -234,9 +240,17 @@ local webhook = redis.call('HMGET', KEYS[1], 'webhook_state', 'webhook_due')
 if webhook[1] == '$delivery_pending' then redis.call('ZADD', KEYS[4], webhook[2], ARGV[2]) end
 return 1
 """
-# KEYS: task; ARGV: when the submission is about to go
+# KEYS: task, the follower's unsent tasks; ARGV: when the submission is about to go, follower, task id
 _SENDING = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'sending_at', ARGV[1]) end
+local t = redis.call('HMGET', KEYS[1], 'state', 'follower', 'upstream_task_id')
+if t[1] ~= '$pending' or t[2] ~= ARGV[2] or (t[3] and t[3] ~= '') then return 0 end
+redis.call('HSET', KEYS[1], 'sending_at', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
+"""
+# KEYS: idempotency key; ARGV: task id. The key is let go only if it still names that task.
+_RELEASE_KEY = """
+if redis.call('HGET', KEYS[1], 'task_id') == ARGV[1] then redis.call('DEL', KEYS[1]) end
 """
 # KEYS: webhooks (a sorted set of task ids by when they are due); ARGV: prefix, now, lease end, limit
 _DUE_DELIVERIES = """
@@ -328,10 +342,9 @@ class RedisStore:
             socket_timeout=2,
             health_check_interval=30,
         )
-        self.redis = redis.Redis(connection_pool=self.pool, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2))
-        # Taking turns is never sent twice: a second run after a lost answer would take other tasks as well, and
-        # the first ones would be handed to nobody (they wait for this process's lease to end, then go back).
-        self.once = redis.Redis(connection_pool=self.pool, retry=Retry(NoBackoff(), 0))
+        # The pool's connections never send a command twice (redis-py's default): a script run again after a lost
+        # answer would do its work twice (taking turns: other tasks as well, the first ones handed to nobody).
+        self.redis = redis.Redis(connection_pool=self.pool)
         self._record = self._script(_RECORD)
         self._submitted = self._script(_SUBMITTED)
         self._complete = self._script(_COMPLETE)
@@ -341,10 +354,11 @@ class RedisStore:
         self._take_over = self._script(_TAKE_OVER)
         self._due_deliveries = self._script(_DUE_DELIVERIES)
         self._delivery_attempted = self._script(_DELIVERY_ATTEMPTED)
-        self._take_turns = self._script(_TAKE_TURNS, self.once)
+        self._take_turns = self._script(_TAKE_TURNS)
         self._requeue = self._script(_REQUEUE)
         self._end_queued = self._script(_END_QUEUED)
         self._sending = self._script(_SENDING)
+        self._release_key = self._script(_RELEASE_KEY)
         self._waiters = Waiters()
         self._subscriber: threading.Thread | None = None
         self._subscriber_lock = threading.Lock()
@@ -424,9 +438,7 @@ class RedisStore:
         return self.task(record.task_id) or record
 
     def release_key(self, key: IdempotencyKey, task_id: str) -> None:
-        idem = self._key("idem:", key.scope)
-        if self._call(self.redis.hget, idem, "task_id") == task_id:
-            self._call(self.redis.delete, idem)
+        self._call(self._release_key, keys=[self._key("idem:", key.scope)], args=[task_id])
 
     def claim_poll(self, task_id: str, interval: float) -> bool:
         key, milliseconds = self._key("polled:", task_id), max(1, int(interval * 1000))
@@ -447,8 +459,16 @@ class RedisStore:
         records = [_task_record(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in taken]
         return Turns(records, float(next_chance) if next_chance else None, left > 0)
 
-    def sending(self, task_id: str, at: float) -> None:
-        self._call(self._sending, keys=[self._key("task:", task_id)], args=[at])
+    def sending(self, task_id: str, follower: str, at: float) -> bool:
+        keys = [self._key("task:", task_id), self._key("unsent:", follower)]
+        return bool(self._call(self._sending, keys=keys, args=[at, follower, task_id]))
+
+    def unsent(self, follower: str, taken_before: float, limit: int) -> list[TaskRecord]:
+        ids = self._call(
+            self.redis.zrangebyscore, self._key("unsent:", follower), "-inf", f"({taken_before!r}", 0, limit
+        )
+        records = self._records(ids)
+        return [r for r in records if r.state == TaskState.PENDING and r.follower == follower and not r.sending_at]
 
     def sent(self, task_id: str, key_id: str, at: float) -> None:
         self._call(self.redis.zadd, self._key("pace:", key_id), {task_id: at}, xx=True, lt=True)
@@ -565,10 +585,9 @@ class RedisStore:
                 pipe.hgetall(self._key("task:", task_id))
             return [_task_record(fields) for fields in self._call(pipe.execute) if fields]
 
-    def _script(self, lua: str, client: redis.Redis | None = None):
-        """A Lua script with the states written in ($pending, ...), registered with Redis (through `client`)."""
-        source = _QUEUE_MEMBER_LUA + "\n" + string.Template(lua).substitute(LUA_STATES)
-        return (client or self.redis).register_script(source)
+    def _script(self, lua: str):
+        """A Lua script with the states written in ($pending, ...), registered with Redis."""
+        return self.redis.register_script(_QUEUE_MEMBER_LUA + "\n" + string.Template(lua).substitute(LUA_STATES))
 
     def _key(self, kind: str, name: str = "") -> str:
         return self.prefix + kind + name

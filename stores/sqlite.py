@@ -119,6 +119,7 @@ MIGRATIONS = (
     ALTER TABLE tasks ADD COLUMN num_images INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE tasks ADD COLUMN lane TEXT;
     ALTER TABLE tasks ADD COLUMN turn INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN taken_at REAL;
     ALTER TABLE tasks ADD COLUMN sending_at REAL;
     CREATE INDEX tasks_queue ON tasks (turn, sequence) WHERE state = 'queued';
     CREATE INDEX tasks_lanes ON tasks (lane, turn) WHERE state = 'queued';
@@ -320,16 +321,21 @@ class SqliteStore:
             ).fetchall()
             left, rows = len(rows) > wanted, rows[:wanted]
             taken = [
-                task_record({**row, "state": TaskState.PENDING, "follower": follower, "key_id": key_id})
+                task_record(
+                    {**row, "state": TaskState.PENDING, "follower": follower, "key_id": key_id, "taken_at": now}
+                )
                 for row, key_id in zip(rows, _turns_of_keys(allowance), strict=False)
             ]
             db.executemany(
-                f"UPDATE tasks SET state = '{TaskState.PENDING}', follower = ?, key_id = ? WHERE task_id = ?",
-                [(follower, record.key_id, record.task_id) for record in taken],
+                f"UPDATE tasks SET state = '{TaskState.PENDING}', follower = ?, key_id = ?, taken_at = ? "
+                "WHERE task_id = ?",
+                [(follower, record.key_id, now, record.task_id) for record in taken],
             )
             if pacing.rate is not None:
                 latest = now + pacing.longest_submission
-                db.executemany("DELETE FROM submissions WHERE task_id = ?", [(r.task_id,) for r in taken])
+                db.executemany(  # a task taken again with the same key: its earlier attempt was answered busy
+                    "DELETE FROM submissions WHERE task_id = ? AND key_id = ?", [(r.task_id, r.key_id) for r in taken]
+                )
                 db.executemany(
                     "INSERT INTO submissions VALUES (?, ?, ?)", [(r.key_id, r.task_id, latest) for r in taken]
                 )
@@ -339,8 +345,23 @@ class SqliteStore:
                 next_chance = self._allowances(db, now, pacing, key_ids, limit)[1]
         return Turns(taken, next_chance, left)
 
-    def sending(self, task_id: str, at: float) -> None:
-        self._run("UPDATE tasks SET sending_at = ? WHERE task_id = ?", (at, task_id))
+    def sending(self, task_id: str, follower: str, at: float) -> bool:
+        return bool(
+            self._run(
+                f"UPDATE tasks SET sending_at = ? WHERE task_id = ? AND state = '{TaskState.PENDING}' "
+                "AND follower = ? AND upstream_task_id IS NULL",
+                (at, task_id, follower),
+            )
+        )
+
+    def unsent(self, follower: str, taken_before: float, limit: int) -> list[TaskRecord]:
+        with self._lock, _unavailable_on_error():
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE state = '{TaskState.PENDING}' AND follower = ? "
+                "AND upstream_task_id IS NULL AND sending_at IS NULL AND taken_at < ? LIMIT ?",
+                (follower, taken_before, limit),
+            ).fetchall()
+        return [task_record(row) for row in rows]
 
     def sent(self, task_id: str, key_id: str, at: float) -> None:
         self._run(

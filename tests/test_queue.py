@@ -132,7 +132,7 @@ def test_a_task_queued_too_long_fails_saying_nothing_was_paid(make_app, upstream
 
 
 def test_a_busy_key_rests_longer_each_time_in_a_row_and_as_long_as_the_upstream_asks(clock):
-    dispatcher = Dispatcher(None, Pacing(), "me", list, print, print, 900, Background(), clock=clock)
+    dispatcher = Dispatcher(None, Pacing(), "me", list, print, print, print, 900, Background(), clock=clock)
     start = clock()
     assert dispatcher.hold_after_busy("k", None) == start + 1
     assert dispatcher.hold_after_busy("k", None) == start + 1  # sent together: one rest
@@ -188,3 +188,18 @@ def test_an_idempotency_key_is_free_again_once_its_task_gave_up_waiting_in_line(
     assert late.status_code == 502 and late.json["error"]["code"] == "upstream_unavailable"
     again = client.get("/nanobanana", query_string={"prompt": "a cat", "wait": "0"}, headers=key)
     assert again.status_code == 202 and again.json["task_id"] != late.json["task_id"]
+
+
+def test_a_turn_taken_here_whose_work_was_lost_goes_back_and_is_sent_once(make_app, upstream, tmp_path):
+    database = str(tmp_path / "shared.sqlite3")
+    paced = make_app(database_path=database, upstream_rate=(1, 60.0), api_keys=("key-one",))
+    generate(paced, prompt="the only turn of the minute")
+    waiting = generate(paced, prompt="its turn was taken and forgotten", wait="0").json
+    stop_background(paced)
+    lifecycle = make_app(database_path=database, api_keys=("key-one",)).extensions["nanobanana"].lifecycle
+    unpaced, key_id = Pacing(rate=None, max_running=None), lifecycle.client.keys.key_id(1)
+    lost = lifecycle.store.take_turns(lifecycle.follower_id, time.time() - 60, unpaced, [key_id], 1).taken
+    assert [record.task_id for record in lost] == [waiting["task_id"]]  # taken here a minute ago, handed to nobody
+    lifecycle.queue.sweep(time.time())
+    done = wait_until(lambda: lifecycle.store.task(waiting["task_id"]).state == "success", 10)
+    assert done and submitted_prompts(upstream).count("its turn was taken and forgotten") == 1

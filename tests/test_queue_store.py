@@ -170,13 +170,27 @@ def test_without_a_usable_key_nothing_is_taken(store):
     assert store.task("t1").state == TaskState.QUEUED
 
 
-def test_the_mark_of_a_submission_about_to_go_is_kept(store):
+def test_a_submission_about_to_go_is_marked_only_by_the_process_that_took_its_turn(store):
     queue(store, "t1")
     take(store)
-    store.sending("t1", 123.0)
+    assert not store.sending("t1", "worker-c", 123.0)
+    assert store.sending("t1", "worker-b", 123.0)
     assert store.task("t1").sending_at == 123.0
     assert store.requeue("t1", "worker-b")  # a busy answer: not sent after all
     assert store.task("t1").sending_at is None
+    assert not store.sending("t1", "worker-b", 124.0)  # back in the queue: it must not go now
+
+
+def test_turns_taken_and_never_marked_are_found_for_their_process(store):
+    for n in range(3):
+        queue(store, f"t{n}")
+    take(store)
+    store.sending("t0", "worker-b", store.clock())
+    store.requeue("t1", "worker-b")
+    store.clock.now += 60
+    assert [r.task_id for r in store.unsent("worker-b", store.clock() - 30, 10)] == ["t2"]
+    assert store.unsent("worker-b", store.clock() - 90, 10) == []  # taken too recently to count as lost
+    assert store.unsent("worker-c", store.clock(), 10) == []
 
 
 def test_a_lane_whose_tasks_left_the_queue_starts_again_at_the_current_turn(store):
