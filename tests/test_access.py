@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
+
+from tools.processes import ROOT
 
 TOKEN_A, TOKEN_B = "token-for-alice-bot", "token-for-bob-bot"
 
@@ -162,3 +166,23 @@ def test_request_id_is_returned_and_logged_without_the_prompt(client, caplog):
 def test_unusable_request_id_is_replaced(client):
     answer = client.get("/healthz", headers={"X-Request-ID": "bad id; with <stuff>"})
     assert len(answer.headers["X-Request-ID"]) == 32 and " " not in answer.headers["X-Request-ID"]
+
+
+SWEEP_COUNT = """
+from gevent import monkey; monkey.patch_all()
+import threading, gevent
+from web.access import SweptMemoryStorage
+made = []
+original = threading.Timer.__init__
+threading.Timer.__init__ = lambda self, *args, **kwargs: made.append(1) or original(self, *args, **kwargs)
+storage = SweptMemoryStorage("swept-memory://")
+gevent.joinall([gevent.spawn(storage.incr, f"user-{n}", 60) for n in range(2000)])
+print(len(made))
+"""
+
+
+def test_a_burst_of_hits_under_gevent_schedules_one_sweep():
+    """As in a gunicorn worker: a timer that has not started yet is not alive, yet it is the sweep to come."""
+    counted = subprocess.run([sys.executable, "-c", SWEEP_COUNT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert counted.returncode == 0, counted.stderr
+    assert int(counted.stdout) <= 2  # limits' own first timer, and one sweep (not one per hit)
