@@ -3,6 +3,8 @@
 MEDIA_STORE=local keeps them under MEDIA_DIR, served at /media/<name>; MEDIA_STORE=s3://bucket/prefix
 keeps them in any S3-compatible store (boto3; S3_ENDPOINT_URL for one that is not AWS). A picture is
 fetched streamed, at most 30 MB, images only, with a time-out, and kept under a name nobody can guess.
+It is fetched only from the public internet (or the upstream's own address): a result address, or a
+redirect, that leads inside is refused like a webhook's (domain/netguard.py), at each hop and at connect.
 A copy that fails leaves the upstream's address in place (the caller still gets a picture), and says so
 in the log.
 """
@@ -16,17 +18,19 @@ import secrets
 import tempfile
 import time
 from typing import IO
+from urllib.parse import urljoin
 
 import requests
 
 from config import Settings
-from domain.netguard import plain_session
+from domain.netguard import RefusedTarget, check_target, origin, public_session
 
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 30 * 1024 * 1024
 FETCH_TIMEOUT = (5.0, 15.0)  # connect, and each read
 FETCH_DEADLINE = 60.0  # for the whole picture
+MAX_REDIRECTS = 3
 MAX_AGE = 365 * 24 * 3600  # a copy may be cached for a year: a name is never reused for another picture
 CACHE_CONTROL = f"public, max-age={MAX_AGE}, immutable"
 EXTENSIONS = {
@@ -49,15 +53,17 @@ class Media:
 
     reachable = True  # the copies' addresses can be fetched from outside, so the upstream can edit them
 
-    def __init__(self, session: requests.Session | None = None):
-        self.session = session or plain_session()
+    def __init__(self, session: requests.Session | None = None, upstream: str | None = None):
+        """`upstream`: the upstream's base address; pictures there may be fetched wherever it is (demo mode)."""
+        self.trusted = (origin(upstream),) if upstream else ()
+        self.session = session or public_session(allow_private=False, trusted=self.trusted)
 
     def keep(self, url: str) -> str | None:
         """The address of a lasting copy of the picture at `url`; None if none could be made."""
         with tempfile.SpooledTemporaryFile(max_size=1024 * 1024) as content:
             try:
                 content_type = self._fetch(url, content)
-            except (NotKept, requests.RequestException, OSError) as failure:
+            except (NotKept, RefusedTarget, requests.RequestException, OSError) as failure:
                 log.warning("no lasting copy of a picture (the upstream's address stays): %s", failure)
                 return None
             content.seek(0)
@@ -84,23 +90,34 @@ class Media:
                     log.exception("could not remove a copy")
 
     def _fetch(self, url: str, into: IO[bytes]) -> str:
+        """Fetch the picture into `into`, following redirects only to where a picture may be fetched from."""
+        for _ in range(MAX_REDIRECTS + 1):
+            if origin(url) not in self.trusted:
+                check_target(url, allow_private=False, name="the picture's address")
+            with self.session.get(url, stream=True, timeout=FETCH_TIMEOUT, allow_redirects=False) as answer:
+                if not answer.is_redirect:
+                    return self._read(answer, into)
+                url = urljoin(url, answer.headers["Location"])
+        raise NotKept(f"more than {MAX_REDIRECTS} redirects")
+
+    def _read(self, answer: requests.Response, into: IO[bytes]) -> str:
+        """The picture's bytes into `into`, if it is a picture of at most 30 MB; its content type."""
         deadline = time.monotonic() + FETCH_DEADLINE
-        with self.session.get(url, stream=True, timeout=FETCH_TIMEOUT, allow_redirects=True) as answer:
-            if answer.status_code != 200:
-                raise NotKept(f"the picture's address answered HTTP {answer.status_code}")
-            content_type = answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if content_type not in EXTENSIONS:
-                raise NotKept(f"not a picture ({content_type or 'no content type'})")
-            if int(answer.headers.get("Content-Length") or 0) > MAX_BYTES:
+        if answer.status_code != 200:
+            raise NotKept(f"the picture's address answered HTTP {answer.status_code}")
+        content_type = answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type not in EXTENSIONS:
+            raise NotKept(f"not a picture ({content_type or 'no content type'})")
+        if int(answer.headers.get("Content-Length") or 0) > MAX_BYTES:
+            raise NotKept("larger than 30 MB")
+        size = 0
+        for chunk in answer.iter_content(64 * 1024):
+            size += len(chunk)
+            if size > MAX_BYTES:
                 raise NotKept("larger than 30 MB")
-            size = 0
-            for chunk in answer.iter_content(64 * 1024):
-                size += len(chunk)
-                if size > MAX_BYTES:
-                    raise NotKept("larger than 30 MB")
-                if time.monotonic() > deadline:
-                    raise NotKept(f"not fetched within {FETCH_DEADLINE:g} s")
-                into.write(chunk)
+            if time.monotonic() > deadline:
+                raise NotKept(f"not fetched within {FETCH_DEADLINE:g} s")
+            into.write(chunk)
         return content_type
 
     def path(self, name: str) -> str | None:
@@ -120,8 +137,15 @@ class Media:
 class LocalMedia(Media):
     """Files in a folder, served by the service itself at /media/<name>."""
 
-    def __init__(self, folder: str, base_url: str, reachable: bool, session: requests.Session | None = None):
-        super().__init__(session)
+    def __init__(
+        self,
+        folder: str,
+        base_url: str,
+        reachable: bool,
+        session: requests.Session | None = None,
+        upstream: str | None = None,
+    ):
+        super().__init__(session, upstream)
         self.folder = folder
         self.prefix = f"{base_url.rstrip('/')}/media/"
         self.reachable = reachable
@@ -152,8 +176,15 @@ class LocalMedia(Media):
 class S3Media(Media):
     """Objects in a bucket of any S3-compatible store, readable by their address (a public bucket policy)."""
 
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None, session: requests.Session | None = None):
-        super().__init__(session)
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        endpoint_url: str | None,
+        session: requests.Session | None = None,
+        upstream: str | None = None,
+    ):
+        super().__init__(session, upstream)
         import boto3  # only when S3 is used: it takes a while to load
 
         self.bucket = bucket
@@ -181,6 +212,7 @@ def open_media(settings: Settings, session: requests.Session | None = None) -> M
         return None
     if settings.media_store == "local":
         base_url = settings.public_base_url or f"http://127.0.0.1:{settings.port}"
-        return LocalMedia(settings.media_dir, base_url, reachable=settings.public_base_url is not None, session=session)
+        reachable = settings.public_base_url is not None
+        return LocalMedia(settings.media_dir, base_url, reachable, session, settings.api_base)
     bucket, _, prefix = settings.media_store.removeprefix("s3://").partition("/")
-    return S3Media(bucket, prefix, settings.s3_endpoint_url, session)
+    return S3Media(bucket, prefix, settings.s3_endpoint_url, session, settings.api_base)

@@ -25,33 +25,67 @@ class RefusedTarget(InvalidRequest):
     """A callback_url the service will not post to."""
 
 
-def check_target(url: str, allow_private: bool) -> None:
-    """Refuse a callback_url that is not http(s), cannot be found, or (unless allowed) points inside."""
+# IPv6 addresses that carry an IPv4 address in their last 32 bits (NAT64, and SIIT's IPv4-translated form)
+EMBEDDING_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::ffff:0:0:0/96"))
+# Deprecated or local-only ranges that `is_global` lets through: IPv4-compatible, site-local, local-use NAT64
+NEVER_PUBLIC = (
+    ipaddress.ip_network("::/96"),
+    ipaddress.ip_network("fec0::/10"),
+    ipaddress.ip_network("64:ff9b:1::/48"),
+)
+
+
+def check_target(url: str, allow_private: bool, name: str = "callback_url") -> None:
+    """Refuse a URL (`name` says which, in the message) that is not http(s), cannot be found, or (unless
+    allowed) points inside."""
     try:
         parts = urlsplit(url)
         readable = parts.scheme in ("http", "https") and bool(parts.hostname)
     except ValueError:  # an unclosed [ of an IPv6 host, say
         readable = False
     if not readable:
-        raise RefusedTarget("callback_url must be a web address that starts with https:// (or http://).")
+        raise RefusedTarget(f"{name} must be a web address that starts with https:// (or http://).")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)}
     except (OSError, ValueError):
-        raise RefusedTarget(f"callback_url's host {parts.hostname!r} cannot be found; please check it.") from None
+        raise RefusedTarget(f"{name}'s host {parts.hostname!r} cannot be found; please check it.") from None
     if not allow_private and any(inside(address) for address in addresses):
         raise RefusedTarget(
-            "callback_url points at a private or local address, and webhooks go only to public ones. "
+            f"{name} points at a private or local address, and the service reaches only public ones. "
             "For a receiver on the same machine or network, the service's owner can set WEBHOOK_ALLOW_PRIVATE=1."
         )
 
 
 def inside(address: str) -> bool:
-    """Loopback, private, link-local, multicast, reserved or otherwise not a public internet address."""
+    """Loopback, private, link-local, multicast, reserved or otherwise not a public internet address; an IPv6
+    address is inside, too, when the IPv4 address it carries (mapped, compatible, NAT64, 6to4, SIIT) is."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        carried = _carried_ipv4(ip)
+        if carried is not None and inside(str(carried)):
+            return True
+        if any(ip in network for network in NEVER_PUBLIC):
+            return True
+        if ip.ipv4_mapped is not None:
+            return False  # a public IPv4 address, mapped: as public as it is
     return not ip.is_global or ip.is_multicast
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in network for network in (*EMBEDDING_IPV4, NEVER_PUBLIC[0])):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def origin(url: str) -> str:
+    """scheme://host:port of a URL, as a prefix requests can mount an adapter on."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def plain_session() -> requests.Session:
@@ -62,12 +96,15 @@ def plain_session() -> requests.Session:
     return session
 
 
-def public_session(allow_private: bool) -> requests.Session:
-    """A session whose connections are refused, right after connecting, when they reached an address inside."""
+def public_session(allow_private: bool, trusted: tuple[str, ...] = ()) -> requests.Session:
+    """A session whose connections are refused, right after connecting, when they reached an address inside;
+    except to the `trusted` origins (the upstream's own, which is on this machine in demo mode)."""
     session = plain_session()
     adapter = HTTPAdapter() if allow_private else PublicOnlyAdapter()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
+    for trusted_origin in trusted:
+        session.mount(trusted_origin + "/", HTTPAdapter())
     return session
 
 
@@ -78,7 +115,7 @@ class _PublicPeersOnly:
         sock = super()._new_conn()
         if inside(sock.getpeername()[0]):
             sock.close()
-            raise RefusedTarget("callback_url now leads to a private or local address; it was not called.")
+            raise RefusedTarget("the address now leads to a private or local one; it was not called.")
         return sock
 
 

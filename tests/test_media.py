@@ -9,11 +9,12 @@ import secrets
 import pytest
 import requests
 import responses
+from flask import Flask, Response
 from moto.server import ThreadedMotoServer
 
 from domain.media import MAX_BYTES, LocalMedia
 from tests.helpers import served_environ
-from tools.processes import Service, wait_until
+from tools.processes import Service, serving, wait_until
 
 # -- MEDIA_STORE=local, over real HTTP -----------------------------------------------------------------
 
@@ -125,7 +126,7 @@ def test_s3_copies_keep_the_upstreams_bytes_and_go_with_the_user(served_upstream
 
 @pytest.fixture
 def folder_media(tmp_path):
-    return LocalMedia(str(tmp_path / "copies"), "http://service.test", reachable=False)
+    return LocalMedia(str(tmp_path / "copies"), "http://service.test", reachable=False, upstream="https://files.test")
 
 
 @responses.activate
@@ -151,3 +152,37 @@ def test_a_kept_picture_has_a_name_nobody_can_guess(folder_media, tmp_path):
     first, second = folder_media.keep("https://files.test/p.png"), folder_media.keep("https://files.test/p.png")
     assert first != second and first.startswith("http://service.test/media/") and first.endswith(".png")
     assert (tmp_path / "copies" / first.rsplit("/", 1)[1]).read_bytes() == picture
+
+
+class Secret:
+    """Something inside, on this machine: a picture nobody outside may see, and who asked for it."""
+
+    def __init__(self):
+        self.asked = 0
+        self.app = Flask("secret")
+        self.app.add_url_rule("/secret.svg", view_func=self.serve)
+
+    def serve(self):
+        self.asked += 1
+        return Response("<svg xmlns='http://www.w3.org/2000/svg'><text>secret</text></svg>", mimetype="image/svg+xml")
+
+
+@pytest.fixture(scope="module")
+def secret():
+    inside = Secret()
+    with serving(inside.app) as url:
+        inside.url = url
+        yield inside
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("marker", ["result-url", "file-redirect"])
+def test_a_picture_address_that_leads_inside_is_not_copied(local, secret, marker):
+    """The result (or a redirect from the upstream's file) points at an address inside: no copy is made of it,
+    and nothing inside is asked for it."""
+    answer = local.get("/nanobanana", params={"prompt": f"[{marker}={secret.url}/secret.svg] a cat"})
+    assert answer.status_code == 200
+    assert "/media/" not in answer.json()["image_url"]
+    assert secret.asked == 0
+    copies = [(local.folder / name).read_bytes() for name in os.listdir(local.folder)]
+    assert not [copy for copy in copies if b"<text>secret</text>" in copy]  # not republished at /media/

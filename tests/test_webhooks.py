@@ -46,6 +46,15 @@ SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         "http://[fd00::1]/hook",
         "http://[::ffff:127.0.0.1]/hook",
         "http://[::ffff:10.0.0.1]/hook",
+        "http://[::7f00:1]/hook",  # IPv4-compatible (deprecated) loopback
+        "http://[::127.0.0.1]/hook",
+        "http://[64:ff9b::7f00:1]/hook",  # NAT64 to loopback
+        "http://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 to the metadata address
+        "http://[64:ff9b:1::1]/hook",  # local-use NAT64
+        "http://[2002:7f00:1::]/hook",  # 6to4 of loopback
+        "http://[::ffff:0:a00:1]/hook",  # SIIT (IPv4-translated) of 10.0.0.1
+        "http://[fec0::1]/hook",  # site-local (deprecated)
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook",  # Teredo
         "http://no-such-host.invalid/hook",
         "http://[x/hook",
     ],
@@ -58,6 +67,8 @@ def test_internal_and_unusable_targets_are_refused(url):
 def test_public_addresses_are_allowed_and_private_ones_when_allowed():
     check_target("https://93.184.216.34/hook", allow_private=False)
     check_target("http://[2606:4700::1111]/hook", allow_private=False)
+    check_target("http://[64:ff9b::808:808]/hook", allow_private=False)  # NAT64 to a public address
+    check_target("http://[2002:808:808::1]/hook", allow_private=False)  # 6to4 of a public address
     check_target("http://127.0.0.1:8080/hook", allow_private=True)
     assert inside("::ffff:192.168.0.1") and not inside("8.8.8.8")
 

@@ -17,6 +17,8 @@ Behaviour is chosen per task by markers in the prompt:
   [callback-delay=S] the callback comes S seconds after the result
   [file-lifetime=S]  the picture's file is gone S seconds after the result (the real one lives ~14 days)
   [file-type=T]      the picture's file is served as content type T (text/html, say: not a picture)
+  [file-redirect=U]  the picture's file answers 302 to the address U
+  [result-url=U]     the result's address is U instead of the emulator's own file
   [shape=S]          record-info (and the callback) answer in another shape seen in the wild: urls
                      (response.resultUrls), json (a resultJson string), or state (`state` instead of successFlag)
 
@@ -206,7 +208,7 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
         task_id = uuid.uuid4().hex
         delay = float(markers.get("delay", upstream.delay))
         flag = 3 if "fail" in markers else 2 if "create-fail" in markers else 1
-        urls = [f"{request.host_url}files/{task_id}/{n}.svg" for n in range(count)]
+        urls = [markers.get("result-url") or f"{request.host_url}files/{task_id}/{n}.svg" for n in range(count)]
         now = time.monotonic()
         return EmulatedTask(task_id, key, endpoint, body, now, now + delay, flag, urls, markers)
 
@@ -273,6 +275,8 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
             return Response("not found", 404, mimetype="text/plain")
         if time.monotonic() > task.ready_at + float(task.markers.get("file-lifetime", "inf")):
             return Response("gone", 404, mimetype="text/plain")
+        if "file-redirect" in task.markers:
+            return Response("moved", 302, {"Location": task.markers["file-redirect"]}, mimetype="text/plain")
         return Response(placeholder_svg(task, number), content_type=task.markers.get("file-type", "image/svg+xml"))
 
     return app
