@@ -24,7 +24,7 @@ import requests
 from background import Background
 from config import Settings
 from domain.answers import ordinal
-from domain.conversations import Conversations, conversation_key
+from domain.conversations import Conversations, channel_owner, conversation_key
 from domain.lifecycle import Lifecycle
 from domain.media import Media
 from domain.netguard import plain_session
@@ -35,7 +35,7 @@ from stores.records import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
-OWNER = "telegram"  # the owner of the bot's conversations: no access token's digest is this word
+OWNER = channel_owner("telegram")  # the owner of the bot's conversations and tasks
 SCHEME = "telegram"  # a bot task's deliver_to is telegram:<chat_id>:<message_id>
 API_TIMEOUT = (5.0, 15.0)
 UPDATES_REMEMBERED = 24 * 3600.0  # Telegram repeats an update it thinks was not received, for a day at most

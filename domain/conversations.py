@@ -17,6 +17,16 @@ from nanobanana_client import Generation
 from stores.interface import Store
 from stores.records import Picture, TaskState
 
+# A chat platform's conversations and tasks belong to an owner that starts with this mark. No access token's
+# digest has it, and no user_id given over HTTP may hold it (domain/params.py): a chat's conversation is
+# in a namespace nobody can spell over HTTP, whatever the settings.
+CHANNEL_MARK = "\x1f"
+
+
+def channel_owner(platform: str) -> str:
+    """The owner of a chat platform's conversations and tasks."""
+    return CHANNEL_MARK + platform
+
 
 def conversation_key(owner: str, user_id: str | None) -> str | None:
     """Where a user's chain lives: the same user id of two owners (two access tokens, a chat) is two users."""

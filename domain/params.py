@@ -294,6 +294,8 @@ def parse_user_id(values: Values) -> str | None:
     user_id = (_first(values, *FIELD["user_id"].names) or "").strip()
     if len(user_id) > MAX_USER_ID:
         raise InvalidRequest(f"user_id is {len(user_id)} characters long; please keep it to {MAX_USER_ID} or fewer.")
+    if not user_id.isprintable():  # control characters, among them the mark of a chat's conversations
+        raise InvalidRequest("user_id may hold only printable characters: no line breaks, tabs or control codes.")
     return user_id or None
 
 

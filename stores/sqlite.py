@@ -132,6 +132,12 @@ MIGRATIONS = (
     CREATE INDEX submissions_task ON submissions (task_id);
     CREATE TABLE key_holds (key_id TEXT PRIMARY KEY, until REAL NOT NULL);  -- a key the upstream found busy
     """,
+    """
+    UPDATE tasks SET owner = char(31) || owner, conversation = char(31) || conversation WHERE owner = 'telegram';
+    UPDATE tasks SET lane = char(31) || lane WHERE lane LIKE 'telegram/telegram:%';
+    UPDATE pictures SET conversation = char(31) || conversation WHERE conversation LIKE 'telegram/telegram:%';
+    UPDATE history SET conversation = char(31) || conversation WHERE conversation LIKE 'telegram/telegram:%';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000

@@ -455,3 +455,18 @@ def test_redis_pool_waits_for_a_free_connection_instead_of_failing(redis_server)
     for connection in held:
         store.pool.release(connection)
     store.close()
+
+
+def test_a_chats_conversation_moves_out_of_reach_of_http_user_ids(tmp_path, clock):
+    path = str(tmp_path / "v6.sqlite3")
+    with sqlite3.connect(path) as db:  # as release 6 left it: a chat's conversation under the owner "telegram"
+        db.executescript(";".join(MIGRATIONS[:6]) + "; PRAGMA user_version = 6;")
+        db.execute("INSERT INTO history VALUES ('telegram/telegram:5', -1, ?)", (clock.now,))
+        db.execute(
+            "INSERT INTO pictures VALUES ('telegram/telegram:5', 1, 't1', 'https://f.test/chat.png', NULL, 'a cat', ?)",
+            (clock.now,),
+        )
+    migrated = SqliteStore(path, history_ttl=3600, max_users=10, clock=clock)
+    assert [p.image_url for p in migrated.chain("\x1ftelegram/telegram:5")] == ["https://f.test/chat.png"]
+    assert migrated.chain("telegram/telegram:5") == []
+    migrated.close()

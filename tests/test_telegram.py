@@ -267,3 +267,22 @@ def test_a_full_queue_is_said_to_the_chat_and_nothing_is_made(serve_app, bot_api
     send(full, third, "one too many")
     assert "So many pictures are waiting" in messages(bot_api, third)[0]
     assert not [t for t in served_upstream.tasks.values() if t.params["prompt"] in ("waits in line", "one too many")]
+
+
+def test_a_chats_conversation_cannot_be_reached_over_http(service, bot_api, served_upstream):
+    """Without ACCESS_TOKENS too: no user_id spells a chat's conversation, to read, plant or forget a picture."""
+    chat_id = next(chat_ids)
+    send(service, chat_id, "a chat's own cat")
+    [own] = photos(bot_api, chat_id, 1)
+    spelled = f"telegram/telegram:{chat_id}"
+    assert service.get(f"/nanobanana/history/{spelled}").json()["chain"] == []
+    planted = service.get("/nanobanana", params={"prompt": "a planted dog", "user_id": spelled}).json()
+    assert planted["status"] == "success"
+    assert requests.delete(f"{service.url}/nanobanana/history/{spelled}", timeout=10).status_code == 200
+    send(service, chat_id, f"make chat {chat_id}'s cat blue")
+    photos(bot_api, chat_id, 2)
+    assert task_with(served_upstream, f"make chat {chat_id}'s").params["imageUrls"] == [own["photo"]]  # its own cat
+    marked = f"\x1ftelegram/telegram:{chat_id}"  # the mark itself is blank space at the edges, and inside refused
+    assert service.get("/nanobanana/history/" + marked).json()["chain"] == []
+    answer = service.get("/nanobanana", params={"prompt": "a cat", "user_id": "x" + marked})
+    assert answer.status_code == 400 and "printable" in answer.json()["error"]["message"]
