@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import threading
 import time
 
@@ -195,3 +196,18 @@ def test_logs_never_show_keys_tokens_or_prompts(upstream, tmp_path):
 def test_longest_prompt_fits_in_a_get(service, model, length):
     answer = generate(service, prompt="é" * length, model=model)  # percent-encoded: six bytes a character
     assert answer.status_code == 200, answer.text
+
+
+def test_metrics_whose_folder_was_taken_fail_no_request(upstream, tmp_path):
+    """A /tmp cleaner removes the folder where the workers write their metrics: a paid picture is still answered."""
+    environ = {"API_KEYS_1": GOOD_KEY, "NANOBANANA_API_BASE": upstream.url, "POLL_INTERVAL": "0.05"}
+    service = Service(environ, tmp_path / "metrics.log").wait_ready()
+    try:
+        [folder] = service.tmp_dir.glob("nanobanana-metrics-*")
+        shutil.rmtree(folder)
+        answer = generate(service, prompt="a cat after the clean-up", user_id="tidy")
+        assert answer.status_code == 200 and answer.json()["status"] == "success"
+        assert service.get("/metrics").status_code == 200
+    finally:
+        output = service.stop()
+    assert "Traceback" not in output

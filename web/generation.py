@@ -29,7 +29,7 @@ def generate():
         prefer_header=request.headers.get("Prefer"),
     )
     lifecycle = parts().lifecycle
-    with parts().metrics.in_flight.track_inprogress():
+    with parts().metrics.generating():
         record = lifecycle.generate(wanted, g.owner)
     response = render_task(record, time.monotonic() - g.started, lifecycle.queue_position(record))
     if wanted.preference_applied:

@@ -7,10 +7,12 @@ counts of every worker are added up at `/metrics` (prometheus-client's multiproc
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +23,7 @@ from prometheus_client.registry import Collector
 from errors import StoreUnavailable
 
 request_log = logging.getLogger("nanobanana.requests")
+log = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 GENERATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120)
@@ -64,18 +67,32 @@ class Metrics:
             registry=registry,
         )
 
+        self._failing = False
+
     def waited_in_queue(self, seconds: float) -> None:
-        self.queued_seconds.observe(seconds)
+        self._safely(self.queued_seconds.observe, seconds)
 
     def upstream_call(self, endpoint: str, outcome: str) -> None:
-        self.upstream_calls.labels(endpoint, outcome).inc()
+        self._safely(lambda: self.upstream_calls.labels(endpoint, outcome).inc())
 
     def webhook_outcome(self, outcome: str) -> None:
-        self.webhooks.labels(outcome).inc()
+        self._safely(lambda: self.webhooks.labels(outcome).inc())
+
+    def generation_answered(self, status: int, duration: float) -> None:
+        self._safely(lambda: self.generation_seconds.labels(str(status)).observe(duration))
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """Count a generation request in flight while the block runs."""
+        self._safely(self.in_flight.inc)
+        try:
+            yield
+        finally:
+            self._safely(self.in_flight.dec)
 
     def answered(self, route: str, method: str, path: str, status: int, duration: float, request_id: str, task_id):
         """Count a request and write its one log line."""
-        self.requests.labels(route, method, str(status)).inc()
+        self._safely(lambda: self.requests.labels(route, method, str(status)).inc())
         # The path only: query strings carry prompts, tokens and callback secrets. Shortened: paths are the caller's.
         request_log.info(
             "request_id=%s method=%s path=%s status=%d duration_ms=%.0f task_id=%s",
@@ -86,6 +103,20 @@ class Metrics:
             duration * 1000,
             (task_id or "-")[:100],
         )
+
+    def _safely(self, record: Callable, *args) -> None:
+        """Metrics never fail a request (a paid picture's answer least of all). Under gunicorn each worker writes
+        them into files in `metrics_dir`; if a /tmp cleaner took that folder, it is made again."""
+        try:
+            record(*args)
+        except OSError as failure:
+            if not self._failing:
+                log.warning("metrics could not be recorded (%s); the folder is made again", failure)
+            self._failing = True
+            if self.metrics_dir:
+                os.makedirs(self.metrics_dir, exist_ok=True)
+        else:
+            self._failing = False
 
 
 class OneLineFormatter(logging.Formatter):
@@ -125,7 +156,7 @@ def init_app(app: Flask, metrics_dir: str | None) -> Metrics:
     def finish_request(response: Response) -> Response:
         duration = time.monotonic() - g.get("started", time.monotonic())
         if request.endpoint == GENERATE_ENDPOINT:
-            metrics.generation_seconds.labels(str(response.status_code)).observe(duration)
+            metrics.generation_answered(response.status_code, duration)
         response.headers["X-Request-ID"] = g.get("request_id", "")
         route = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.answered(
@@ -146,6 +177,7 @@ def exposition(metrics: Metrics, queue_depth: Callable[[], int]) -> Response:
     """The metrics in Prometheus text format, summed over every worker when there are several, and the depth of
     the queue as the store counts it now (one figure for every worker and instance)."""
     if metrics.metrics_dir:
+        os.makedirs(metrics.metrics_dir, exist_ok=True)  # a /tmp cleaner may have taken it
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics.metrics_dir)
     else:
