@@ -370,6 +370,16 @@ def test_json_that_does_not_parse_says_where(client):
     assert "not valid JSON" in answer.json["error"]["message"] and "line 1, column" in answer.json["error"]["message"]
 
 
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000  # deeper than Python's parser goes
+
+
+@pytest.mark.parametrize("path", ["/nanobanana", "/nanobanana/callback"])
+def test_json_nested_too_deeply_is_a_400_not_a_traceback(client, emulated, path):
+    answer = client.post(path, data=DEEP_JSON, content_type="application/json")
+    assert answer.status_code == 400 and answer.json["status"] == "error"
+    assert emulated.submissions() == []
+
+
 def test_a_body_of_another_kind_is_refused_with_what_to_send(client, emulated):
     answer = client.post("/nanobanana", data=b'{"prompt": "a cat"}', content_type="text/plain")
     assert answer.status_code == 400

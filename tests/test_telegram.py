@@ -286,3 +286,10 @@ def test_a_chats_conversation_cannot_be_reached_over_http(service, bot_api, serv
     assert service.get("/nanobanana/history/" + marked).json()["chain"] == []
     answer = service.get("/nanobanana", params={"prompt": "a cat", "user_id": "x" + marked})
     assert answer.status_code == 400 and "printable" in answer.json()["error"]["message"]
+
+
+def test_an_update_nested_too_deeply_is_a_400(service):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
+    answer = requests.post(f"{service.url}/telegram/webhook", data=deep, headers=headers, timeout=10)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request"

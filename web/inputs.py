@@ -48,8 +48,11 @@ def body_values() -> dict[str, list[str]]:
 
 
 def parse_json(raw: bytes):
+    """A JSON body, or InvalidRequest saying what is wrong with it (nested too deeply for Python to read, too)."""
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise InvalidRequest("The request body is JSON nested too deeply. Please send a flat object.") from None
     except ValueError as error:
         where = f" ({error.msg} at line {error.lineno}, column {error.colno})" if hasattr(error, "msg") else ""
         raise InvalidRequest(

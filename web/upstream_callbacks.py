@@ -59,5 +59,5 @@ class CallbackReceiver:
             raise TooLarge()
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None  # receive_callback then says what a callback needs
