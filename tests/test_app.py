@@ -468,3 +468,13 @@ def test_callback_while_the_store_is_away_is_503(make_app):
     client = make_app(store=AwayStore(":memory:", 3600, 10)).test_client()
     answer = client.post("/nanobanana/callback?secret=s", json={"data": {"taskId": "t"}})
     assert answer.status_code == 503 and answer.json["error"]["code"] == "store_unavailable"
+
+
+def test_with_a_public_address_no_made_up_host_is_echoed(make_app, emulated):
+    client = make_app(public_base_url="https://banana.example.com").test_client()
+    made_up = {"Host": "evil.test"}
+    pending = client.get("/nanobanana", query_string={"prompt": "[delay=5] a cat", "wait": "0"}, headers=made_up)
+    assert pending.json["status_url"].startswith("https://banana.example.com/nanobanana/tasks/")
+    assert pending.headers["Location"] == pending.json["status_url"]
+    servers = client.get("/openapi.json", headers=made_up).json["servers"]
+    assert [server["url"] for server in servers] == ["https://banana.example.com"]

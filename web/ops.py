@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, render_template, request, send_file
+from flask import Blueprint, render_template, send_file
 
 from domain.media import CACHE_CONTROL, MAX_AGE
 from domain.params import page_context
 from errors import NotFound
 from web import openapi, telemetry
 from web.parts import parts
+from web.render import external_url
 
 bp = Blueprint("ops", __name__)
 
@@ -53,7 +54,7 @@ def metrics():
 
 @bp.get("/openapi.json", endpoint="openapi")
 def openapi_document():
-    return openapi.document(request.host_url, tokens_required=bool(parts().settings.access_tokens))
+    return openapi.document(external_url("/"), tokens_required=bool(parts().settings.access_tokens))
 
 
 @bp.get("/healthz")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
-from flask import g, jsonify, make_response, redirect, url_for
+from flask import g, jsonify, make_response, redirect, request, url_for
 
 from domain.answers import task_answer
 from stores.records import Picture, TaskRecord, TaskState
+from web.parts import parts
 
 
 def render_task(record: TaskRecord, elapsed: float, queue_position: int | None = None):
@@ -16,7 +17,7 @@ def render_task(record: TaskRecord, elapsed: float, queue_position: int | None =
     g.task_id = record.task_id
     status_url = None
     if record.state in (TaskState.QUEUED, TaskState.PENDING):
-        status_url = url_for("generation.task_status", task_id=record.task_id, _external=True)
+        status_url = external_url(url_for("generation.task_status", task_id=record.task_id))
     status, body = task_answer(record, elapsed, status_url, queue_position)
     if fmt == "redirect" and status == 200:
         return redirect(record.image_urls[0], code=302)
@@ -28,6 +29,13 @@ def render_task(record: TaskRecord, elapsed: float, queue_position: int | None =
     if status_url:
         response.headers["Location"] = status_url
     return response
+
+
+def external_url(path: str) -> str:
+    """The address of one of the service's paths, for a caller: under PUBLIC_BASE_URL when it is set (never a
+    Host header a caller made up), else as this request reached the service."""
+    base = parts().settings.public_base_url or request.host_url.rstrip("/")
+    return base + path
 
 
 def answer_text(body: dict) -> str:
