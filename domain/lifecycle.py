@@ -294,8 +294,8 @@ class Lifecycle:
             self.queue.wake()
             return
         following = self.waiting.own(record)
-        if following is not None:
-            self.polls.add(following, time.time())
+        if following is not None:  # one whose submission's answer was lost waits for its callback, if any
+            self.polls.add(following, time.time() if record.upstream_task_id else self._next_ask(record))
 
     def _submit(self, following: Following) -> None:
         record = following.record = replace(following.record, sending_at=time.time())

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.helpers import served_environ
-from tools.processes import Service, wait_until
+from tools.processes import Service, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -188,3 +188,30 @@ def test_hung_submissions_never_delay_other_generations_or_outlast_the_wait(serv
         assert normal.status_code == 200, "a normal generation waited behind hung submissions"
     finally:
         busy.stop()
+
+
+def test_kill_9_with_submissions_unanswered_the_callbacks_still_end_them_by_our_ids(served_upstream, tmp_path):
+    """The answers to ten submissions are held back when the service is killed, so their upstream ids never
+    reached the ledger. With callbacks on, each upstream callback names our own task: every one ends a success."""
+    database = str(tmp_path / "db.sqlite3")
+    port = free_port()
+    environ = settings_for(served_upstream, DATABASE_PATH=database, PUBLIC_BASE_URL=f"http://127.0.0.1:{port}")
+    first = Service(environ, tmp_path / "first.log", port=port).wait_ready()
+    run = f"unanswered-{uuid.uuid4().hex[:6]}"
+    prompt = "[submit-hang=3][callback-delay=8] picture {n} of " + run
+    tasks = [generate(first, prompt=prompt.format(n=n), wait="0").json() for n in range(10)]
+    wait_until(lambda: len(upstream_tasks_for(served_upstream, run)) == 10, timeout=10)
+    first.kill()  # before any submission's answer came back: no upstream id is in the ledger
+    second = Service(environ, tmp_path / "second.log", port=port).wait_ready()
+    try:
+        for task in tasks:
+            done = wait_until(
+                lambda t=task: (
+                    (a := second.get(f"/nanobanana/tasks/{t['task_id']}").json())["status"] == "success" and a
+                ),
+                timeout=30,
+            )
+            assert done["upstream_task_id"] in {t.task_id for t in upstream_tasks_for(served_upstream, run)}
+    finally:
+        second.stop()
+    assert len(upstream_tasks_for(served_upstream, run)) == 10  # each paid once
