@@ -189,19 +189,22 @@ class Lifecycle:
             return None
 
     def task(self, task_id: str, owner: str = "") -> TaskRecord | None:
-        """A task of this owner, by either id; a pending one is asked about at most once per poll interval."""
+        """A task of this owner, by either id; a pending one is asked about at most once per poll interval. A
+        read needs no write: when the store takes none (a full disk), the task is answered as it stands, or as
+        the upstream says it ended (its follower records that when the store is back)."""
         record = self.store.task(task_id)
         if record is None or record.owner != owner:
             return None
         if record.state != TaskState.PENDING or record.upstream_task_id is None:
             return record
         task = self._upstream_task(record)
-        if task is None or not self.store.claim_poll(record.task_id, self.settings.poll_interval):
+        if task is None or not self._quietly(self.store.claim_poll, record.task_id, self.settings.poll_interval):
             return record
         status = self._ask(task)
         if not status.done:
             return record
-        return self._record_end(self._with_copies(ended(record, status)))
+        end = self._with_copies(ended(record, status))
+        return self._quietly(self._record_end, end) or end
 
     def receive_callback(self, task_id: str, secret: str, body) -> str:
         """Record the end of a task from its callback, if the callback is genuine; wake whoever waits."""

@@ -153,7 +153,7 @@ class Seen(Protocol):
 
 class Store(Chains, Ledger, Queue, Outbox, Followers, WakeUps, Seen, Protocol):
     def ping(self) -> bool:
-        """Whether the store answers now."""
+        """Whether the store answers, and takes writes, now."""
 
     def purge(self, now: float) -> list[Picture]:
         """Drop what has outlived its time; the pictures of the conversations that expired."""

@@ -48,6 +48,8 @@ CONNECTION_WAIT = 5.0  # seconds a caller waits for a free connection before the
 # expire it, so that its pictures are still there to name: purges come once a minute.
 EXPIRE_AHEAD = 120.0
 PURGE_BATCH = 10_000  # conversations ended by one purge
+# Redis answers a write it cannot take with these errors: the store is away for writes, not the service broken
+REFUSING_WRITES = ("MISCONF", "OOM", "READONLY", "LOADING", "BUSY", "NOREPLICAS")
 # The queue is a sorted set of members of one score, so in the order of their text: turn, then sequence.
 QUEUE_MEMBER = "%015d:%015d:%s"  # turn, sequence, task id; the same format in Lua's string.format
 _QUEUE_MEMBER_LUA = (
@@ -540,8 +542,8 @@ class RedisStore:
         self._start_subscriber()
 
     def ping(self) -> bool:
-        try:
-            return bool(self._call(self.redis.ping))
+        try:  # a write: Redis refuses them when it cannot save (MISCONF), is full (OOM) or is a replica
+            return bool(self._call(self.redis.set, self._key("health"), 1, ex=60))
         except StoreUnavailable:
             return False
 
@@ -598,6 +600,10 @@ class RedisStore:
             return function(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise StoreUnavailable(str(error)) from None
+        except redis.ResponseError as error:
+            if str(error).startswith(REFUSING_WRITES):
+                raise StoreUnavailable(str(error)) from None
+            raise
 
 
 def _task_record(fields: dict) -> TaskRecord:

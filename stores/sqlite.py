@@ -522,7 +522,8 @@ class SqliteStore:
 
     def ping(self) -> bool:
         try:
-            self._one("SELECT 1", ())
+            with self._transaction() as db:  # a write that changes nothing: a full disk or a read-only file fails it
+                db.execute("UPDATE turns SET current = current")
         except StoreUnavailable:
             return False
         return True

@@ -478,3 +478,23 @@ def test_with_a_public_address_no_made_up_host_is_echoed(make_app, emulated):
     assert pending.headers["Location"] == pending.json["status_url"]
     servers = client.get("/openapi.json", headers=made_up).json["servers"]
     assert [server["url"] for server in servers] == ["https://banana.example.com"]
+
+
+def test_a_store_that_reads_but_cannot_write_is_unhealthy_yet_answers_reads(make_app, emulated, tmp_path):
+    """A full disk: reads still work, writes fail. Health says so, and a status read needs no write."""
+    app = make_app(database_path=str(tmp_path / "full.sqlite3"), poll_max_attempts=3000)
+    client = app.test_client()
+    pending = generate(client, prompt="[delay=30] a slow cat", wait="0").json
+    wait_until(lambda: client.get(pending["status_url"]).json["upstream_task_id"], timeout=5)
+    store = app.extensions["nanobanana"].store
+    with store._lock:  # the disk fills up: SQLite can still read, but no longer write
+        store._db.execute("PRAGMA query_only = ON")
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json["store_ok"] is False
+    status = client.get(pending["status_url"])
+    assert status.status_code == 202 and status.json["status"] == "pending"
+    refused = generate(client, prompt="a cat", wait="0")
+    assert refused.status_code == 503 and refused.json["error"]["code"] == "store_unavailable"
+    with store._lock:
+        store._db.execute("PRAGMA query_only = OFF")
+    assert client.get("/healthz").json["store_ok"] is True

@@ -470,3 +470,17 @@ def test_a_chats_conversation_moves_out_of_reach_of_http_user_ids(tmp_path, cloc
     assert [p.image_url for p in migrated.chain("\x1ftelegram/telegram:5")] == ["https://f.test/chat.png"]
     assert migrated.chain("telegram/telegram:5") == []
     migrated.close()
+
+
+@pytest.mark.slow
+def test_a_redis_that_refuses_writes_is_unavailable_not_broken(redis_store):
+    new_task(redis_store, "t1")
+    redis_store.redis.config_set("min-replicas-to-write", 1)  # writes are refused (NOREPLICAS), reads still work
+    try:
+        assert redis_store.ping() is False
+        assert redis_store.task("t1").task_id == "t1"
+        with pytest.raises(StoreUnavailable):
+            new_task(redis_store, "t2")
+    finally:
+        redis_store.redis.config_set("min-replicas-to-write", 0)
+    assert redis_store.ping() is True
