@@ -15,6 +15,7 @@ import hmac
 import io
 import logging
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -183,17 +184,18 @@ class TelegramBot:
             log.exception("chat %d: the update could not be handled", chat_id)
 
     def _answer(self, chat_id: int, message_id: int, message: dict) -> None:
-        text = (message.get("text") or message.get("caption") or "").strip()
-        command = text.split(maxsplit=1)[0].split("@")[0].lower() if text.startswith("/") else None
-        if command in ("/start", "/help"):
-            self._say(chat_id, message_id, HELP)
-        elif command == "/new":
+        text = message_text(message)
+        command = command_of(text)
+        photo = message.get("photo")
+        if command == "/new":
             self.conversations.forget(self._conversation(chat_id))
             self._say(chat_id, message_id, "Starting over: your next message makes a new picture.")
         elif command == "/undo":
             self._undo(chat_id, message_id)
-        elif message.get("photo"):
-            self._edit_photo(chat_id, message_id, message["photo"], text)
+        elif command is not None:  # /start, /help, and any command the bot does not know: never a paid picture
+            self._say(chat_id, message_id, HELP)
+        elif isinstance(photo, list) and photo:
+            self._edit_photo(chat_id, message_id, photo, text)
         elif text:
             self._generate(chat_id, message_id, text)
 
@@ -298,6 +300,24 @@ class TelegramBot:
     @staticmethod
     def _conversation(chat_id: int) -> str:
         return conversation_key(OWNER, chat_user(chat_id))
+
+
+def message_text(message: dict) -> str:
+    """A message's text (or a photo's caption), as text Python can store and send on: a field of another type
+    counts as none, and a lone surrogate (which JSON allows, and UTF-8 does not) becomes a replacement mark."""
+    text = message.get("text") or message.get("caption") or ""
+    if not isinstance(text, str):
+        return ""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
+
+
+def command_of(text: str) -> str | None:
+    """The command a message starts with, as the user meant it: look-alike letters (/ｓｔａｒｔ) read as
+    plain ones, and invisible characters (a zero-width space in /new) dropped. None when it is no command."""
+    plain = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf").strip()
+    if not plain.startswith("/"):
+        return None
+    return plain.split(maxsplit=1)[0].split("@")[0].lower()
 
 
 def chat_user(chat_id: int) -> str:

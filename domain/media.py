@@ -31,6 +31,7 @@ MAX_BYTES = 30 * 1024 * 1024
 FETCH_TIMEOUT = (5.0, 15.0)  # connect, and each read
 FETCH_DEADLINE = 60.0  # for the whole picture
 MAX_REDIRECTS = 3
+SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8"}
 MAX_AGE = 365 * 24 * 3600  # a copy may be cached for a year: a name is never reused for another picture
 CACHE_CONTROL = f"public, max-age={MAX_AGE}, immutable"
 EXTENSIONS = {
@@ -71,7 +72,7 @@ class Media:
 
     def keep_file(self, content: IO[bytes], content_type: str) -> str | None:
         """The address of a lasting copy of a picture at hand; None if it is no picture or could not be kept."""
-        if content_type not in EXTENSIONS:
+        if content_type not in EXTENSIONS or not looks_like(content, content_type):
             return None
         try:
             return self._put(secrets.token_urlsafe(24) + EXTENSIONS[content_type], content, content_type)
@@ -204,6 +205,19 @@ class S3Media(Media):
 
     def _remove(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
+
+
+def looks_like(content: IO[bytes], content_type: str) -> bool:
+    """Whether the bytes begin as a picture of that type does (its signature): a content type alone is a claim."""
+    start = content.read(1024)
+    content.seek(0)
+    if content_type == "image/svg+xml":
+        return b"<svg" in start.lower()
+    if content_type == "image/webp":
+        return start[:4] == b"RIFF" and start[8:12] == b"WEBP"
+    if content_type == "image/avif":
+        return start[4:12] in (b"ftypavif", b"ftypavis")
+    return start.startswith(SIGNATURES[content_type])
 
 
 def open_media(settings: Settings, session: requests.Session | None = None) -> Media | None:

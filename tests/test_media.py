@@ -137,6 +137,8 @@ def folder_media(tmp_path):
         {"body": b"x", "content_type": "image/png", "headers": {"Content-Length": str(MAX_BYTES + 1)}},
         {"body": b"x" * (MAX_BYTES + 1), "content_type": "image/png"},
         {"body": b"gone", "status": 404, "content_type": "text/plain"},
+        {"body": b"\x00" * 90, "content_type": "image/jpeg"},  # says it is a picture, and is not one
+        {"body": b"<html><body>not a picture</body></html>", "content_type": "image/svg+xml"},
     ],
 )
 def test_what_is_not_a_picture_of_at_most_30_mb_is_not_kept(folder_media, tmp_path, answer):
@@ -147,7 +149,7 @@ def test_what_is_not_a_picture_of_at_most_30_mb_is_not_kept(folder_media, tmp_pa
 
 @responses.activate
 def test_a_kept_picture_has_a_name_nobody_can_guess(folder_media, tmp_path):
-    picture = secrets.token_bytes(1000)
+    picture = b"\x89PNG\r\n\x1a\n" + secrets.token_bytes(1000)
     responses.add(responses.GET, "https://files.test/p.png", body=picture, content_type="image/png")
     first, second = folder_media.keep("https://files.test/p.png"), folder_media.keep("https://files.test/p.png")
     assert first != second and first.startswith("http://service.test/media/") and first.endswith(".png")

@@ -293,3 +293,31 @@ def test_an_update_nested_too_deeply_is_a_400(service):
     headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
     answer = requests.post(f"{service.url}/telegram/webhook", data=deep, headers=headers, timeout=10)
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("text", ["/ｓｔａｒｔ", "/he\u200blp", "/HELP@SomeBot", "/draw a cat"])
+def test_look_alike_and_unknown_commands_get_the_help_and_cost_nothing(service, bot_api, served_upstream, text):
+    chat_id = next(chat_ids)
+    send(service, chat_id, text)
+    assert messages(bot_api, chat_id) == [HELP]
+    assert not [t for t in served_upstream.tasks.values() if t.params["prompt"] == text]
+
+
+def test_a_look_alike_new_starts_over(service, bot_api, served_upstream):
+    chat_id = next(chat_ids)
+    send(service, chat_id, f"a lighthouse for chat {chat_id}")
+    photos(bot_api, chat_id, 1)
+    send(service, chat_id, "/n\u200bew")
+    assert "Starting over" in messages(bot_api, chat_id)[0]
+
+
+def test_malformed_fields_and_lone_surrogates_are_handled_plainly(service, bot_api, served_upstream, caplog):
+    odd, lone = next(chat_ids), next(chat_ids)
+    for field in ({"text": {"not": "text"}}, {"photo": "not a list"}, {"caption": 42, "photo": {}}):
+        update = {"update_id": next(update_ids), "message": {"message_id": 1, "chat": {"id": odd}, **field}}
+        headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+        assert requests.post(f"{service.url}/telegram/webhook", json=update, headers=headers, timeout=10).ok
+    send(service, lone, "a cat \ud800 with a broken character")
+    assert photos(bot_api, lone, 1)[0]["caption"] == "a cat \ufffd with a broken character"
+    assert bot_api.to_chat(odd) == []  # nothing to answer, and nothing made
+    assert "Traceback" not in caplog.text
