@@ -112,7 +112,8 @@ class Media:
         if int(answer.headers.get("Content-Length") or 0) > MAX_BYTES:
             raise NotKept("larger than 30 MB")
         size = 0
-        for chunk in answer.iter_content(64 * 1024):
+        # read1: whatever has arrived, so that a picture sent a byte at a time meets the deadline too
+        while chunk := answer.raw.read1(64 * 1024, decode_content=True):
             size += len(chunk)
             if size > MAX_BYTES:
                 raise NotKept("larger than 30 MB")

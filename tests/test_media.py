@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 
 import pytest
 import requests
@@ -188,3 +189,25 @@ def test_a_picture_address_that_leads_inside_is_not_copied(local, secret, marker
     assert secret.asked == 0
     copies = [(local.folder / name).read_bytes() for name in os.listdir(local.folder)]
     assert not [copy for copy in copies if b"<text>secret</text>" in copy]  # not republished at /media/
+
+
+def test_a_picture_sent_a_byte_at_a_time_is_given_up_at_the_deadline(tmp_path, monkeypatch):
+    """Each read arrives well within the read time-out, yet the copy as a whole has one deadline."""
+    dripping = Flask("drip")
+
+    @dripping.get("/slow.png")
+    def slow():
+        def drip():
+            yield b"\\x89PNG\\r\\n\\x1a\\n"
+            for _ in range(30):
+                time.sleep(0.2)
+                yield b"x"
+
+        return Response(drip(), mimetype="image/png")
+
+    monkeypatch.setattr("domain.media.FETCH_DEADLINE", 1.0)
+    with serving(dripping) as url:
+        media = LocalMedia(str(tmp_path / "copies"), "http://service.test", reachable=False, upstream=url)
+        started = time.monotonic()
+        assert media.keep(f"{url}/slow.png") is None
+        assert time.monotonic() - started < 4  # not the six seconds the drip would take
