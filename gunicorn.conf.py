@@ -27,12 +27,15 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
 
 from config import ConfigError, load_settings  # noqa: E402
-from stores.sqlite import open_database  # noqa: E402
+from stores.sqlite import check_database, open_database  # noqa: E402
 from web.telemetry import OneLineFormatter  # noqa: E402
 
 try:
     settings = load_settings()
-    if not settings.redis_url:  # create or migrate the schema once, before any worker starts
+    if not settings.redis_url:  # check, then create or migrate the schema once, before any worker starts
+        warning = check_database(settings.database_path)
+        if warning:
+            print(f"Warning: {warning}", file=sys.stderr)
         open_database(settings.database_path).close()
 except ConfigError as error:
     sys.exit(f"Configuration error: {error}")

@@ -615,6 +615,23 @@ def open_database(path: str) -> sqlite3.Connection:
     return db
 
 
+def check_database(path: str) -> str | None:
+    """At start-up: raise DatabaseError if the file is damaged (SQLite's quick check); say so if an existing file
+    was empty (its records are gone: a truncated or replaced file). None when all is well."""
+    if path == ":memory:" or not os.path.exists(path):
+        return None
+    if os.path.getsize(path) == 0:
+        return f"DATABASE_PATH={path!r} is an empty file: the service starts with no tasks and no conversations"
+    db = sqlite3.connect(path)
+    try:
+        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+    finally:
+        db.close()
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError(f"the file is damaged ({problems[0]}); restore it from a backup, or move it away")
+    return None
+
+
 def migrate(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:

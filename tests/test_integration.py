@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import sqlite3
 import threading
 import time
 
@@ -211,3 +212,26 @@ def test_metrics_whose_folder_was_taken_fail_no_request(upstream, tmp_path):
     finally:
         output = service.stop()
     assert "Traceback" not in output
+
+
+def test_a_damaged_database_stops_start_up_with_one_clear_line(tmp_path):
+    path = tmp_path / "damaged.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE filler (n INTEGER, text TEXT)")
+        db.executemany("INSERT INTO filler VALUES (?, ?)", [(n, "x" * 200) for n in range(2000)])
+    with open(path, "r+b") as file:  # a bad sector in the middle of the file
+        file.seek(4096 * 5)
+        file.write(b"\xde\xad\xbe\xef" * 1024)
+    damaged = Service({"DATABASE_PATH": str(path)}, tmp_path / "damaged.log")
+    assert damaged.process.wait(timeout=30) != 0
+    output = damaged.stop()
+    assert f"DATABASE_PATH={str(path)!r} cannot be used" in output and "damaged" in output
+    assert "Traceback" not in output
+
+
+def test_an_empty_database_file_is_said_at_start_up(upstream, tmp_path):
+    path = tmp_path / "empty.sqlite3"
+    path.write_bytes(b"")
+    started = Service({"DATABASE_PATH": str(path), "NANOBANANA_API_BASE": upstream.url}, tmp_path / "empty.log")
+    started.wait_ready()
+    assert "is an empty file" in started.stop()
