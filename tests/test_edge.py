@@ -78,6 +78,16 @@ def test_malformed_http_is_answered_in_json(service, request_bytes, status, code
     assert json.loads(body)["status"] == "error"
 
 
+def test_a_chunked_body_over_a_megabyte_is_413(service):
+    chunk = b"a" * 65536
+    body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"
+    head = (
+        b"POST /nanobanana HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    answered, _, body = raw(service, head + body)
+    assert (answered, error_code(body)) == (413, "too_large")
+
+
 def test_the_log_never_holds_a_raw_request_line(served_upstream, tmp_path):
     watched = Service(served_environ(served_upstream), tmp_path / "watched.log").wait_ready()
     raw(watched, f"GET /nanobanana?prompt=a+secret+plan&token={TOKEN} HTTP/1.1 junk\r\n\r\n".encode())

@@ -12,6 +12,7 @@ The head of a request (line and headers) has gunicorn's keep-alive time-out (2 s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -27,12 +28,13 @@ from werkzeug.exceptions import (
     BadRequest,
     HTTPException,
     InternalServerError,
+    RequestEntityTooLarge,
     RequestHeaderFieldsTooLarge,
     RequestTimeout,
     RequestURITooLarge,
 )
 
-from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
+from config import BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_LINE_LIMIT
 
 log = logging.getLogger("nanobanana.edge")
 
@@ -49,8 +51,16 @@ class MalformedBody(BadRequest):
     description = "The request body is not valid HTTP (a broken chunk), so it could not be read."
 
 
+DROP_READS = 64  # of 64 KiB: what is read and dropped of a body that is too large, at most
+
+
+class BodyTooLarge(RequestEntityTooLarge):
+    """A chunked body longer than MAX_BODY_BYTES: werkzeug, which knows no length for it, would cut it short."""
+
+
 class BodyReader:
-    """gunicorn's body reader, with a deadline; its failures are HTTP errors the app answers like any other.
+    """gunicorn's body reader, with a deadline and a size limit; its failures are HTTP errors the app answers like
+    any other.
 
     gunicorn closes the connection after any of them, since where the next request starts is unknown.
     """
@@ -58,16 +68,32 @@ class BodyReader:
     def __init__(self, reader, deadline: float):
         self.reader = reader
         self.deadline = deadline
+        self.read_so_far = 0
 
     def read(self, size):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise BodyTimeout()
+        # A read that reaches the limit asks for one byte more: if it comes, the body is too long.
+        reaches_limit = size is not None and size >= 0 and self.read_so_far + size >= MAX_BODY_BYTES
         try:
             with gevent.Timeout(remaining, BodyTimeout):
-                return self.reader.read(size)
+                data = self.reader.read(size + 1 if reaches_limit else size)
         except errors.ParseException:
             raise MalformedBody() from None
+        self.read_so_far += len(data)
+        if self.read_so_far > MAX_BODY_BYTES:
+            self._drop_the_rest(remaining)
+            raise BodyTooLarge()
+        return data
+
+    def _drop_the_rest(self, seconds: float) -> None:
+        """Read what follows (a few MB at most) and drop it: a close on unread data would reset the connection, and
+        the client would lose the answer that says the body is too large."""
+        with gevent.Timeout(seconds, False), contextlib.suppress(errors.ParseException, OSError):
+            for _ in range(DROP_READS):
+                if not self.reader.read(64 * 1024):
+                    return
 
 
 class ServiceRequest(Request):
@@ -88,8 +114,12 @@ class Worker(GeventWorker):
 
     def handle_error(self, req, client, addr, exc):
         """Answer what gunicorn could not parse (or could not serve) with the service's JSON error body."""
-        if isinstance(exc, (BodyTimeout, MalformedBody)):
-            return  # met while skipping a body the app did not read, after its answer: the connection just closes
+        if isinstance(exc, (BodyTimeout, MalformedBody, BodyTooLarge)):
+            # Met while skipping a body the app did not read, after its answer: the connection closes, once the
+            # client had a moment to read that answer (closing on unread data would reset it).
+            with contextlib.suppress(OSError):
+                linger(client)
+            return
         refusal = http_refusal(exc)
         if isinstance(refusal, InternalServerError):
             log.error("could not answer a request (%s)", type(exc).__name__, exc_info=exc)
