@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -98,6 +99,8 @@ class Lifecycle:
         self.background = background
         self.media = media  # where lasting copies of finished pictures go; None: the upstream's addresses stay
         self.waited_in_queue = waited_in_queue
+        self._copying: set[str] = set()  # tasks whose pictures are being copied now: one copy per task at a time
+        self._copies_lock = threading.Lock()
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.polls: PollSchedule[Following | Watch] = PollSchedule(background, self._when_due, is_over)
         self.waiting = Waiting(store, background, self.polls.add)
@@ -203,7 +206,10 @@ class Lifecycle:
         status = self._ask(task)
         if not status.done:
             return record
-        end = self._with_copies(ended(record, status))
+        end = ended(record, status)
+        if self._needs_copies(end):  # a slow picture must not hold this read: it is pending until copied
+            self._copy_in_background(end)
+            return record
         return self._quietly(self._record_end, end) or end
 
     def receive_callback(self, task_id: str, secret: str, body) -> str:
@@ -220,10 +226,10 @@ class Lifecycle:
         status = parse_callback(body)
         if status is not None and not record.settled:
             end = ended(record, status, upstream_task_id=upstream_task_id)
-            if self.media is None or end.state != TaskState.SUCCESS:
+            if self._needs_copies(end):  # the upstream waits 15 s at most for the answer; a copy may take longer
+                self._copy_in_background(end)
+            else:
                 self._record_end(end)
-            else:  # the upstream waits 15 s at most for the answer; copying the picture may take longer
-                self.background.spawn(self._record_callback, end)
         return record.task_id
 
     def _new_record(
@@ -265,11 +271,32 @@ class Lifecycle:
             retry = {"Retry-After": str(round(no_key.retry_after))} if no_key.retry_after else None
             raise NoKeyUsable(no_key.message, retry) from None
 
-    def _record_callback(self, end: TaskRecord) -> None:
+    def _needs_copies(self, end: TaskRecord) -> bool:
+        return self.media is not None and end.state == TaskState.SUCCESS
+
+    def _copy_in_background(self, end: TaskRecord) -> None:
+        """Copy the pictures of a success, then record it: apart from whoever learnt of it, once per task at a time."""
+        if self._start_copying(end.task_id) and not self.background.spawn(self._copy_then_record, end):
+            self._stop_copying(end.task_id)
+
+    def _copy_then_record(self, end: TaskRecord) -> None:
         try:
             self._record_end(self._with_copies(end))
         except StoreUnavailable:
             log.warning("the store is unavailable: task %s ends at its next poll instead", end.task_id)
+        finally:
+            self._stop_copying(end.task_id)
+
+    def _start_copying(self, task_id: str) -> bool:
+        with self._copies_lock:
+            if task_id in self._copying:
+                return False
+            self._copying.add(task_id)
+            return True
+
+    def _stop_copying(self, task_id: str) -> None:
+        with self._copies_lock:
+            self._copying.discard(task_id)
 
     # -- following a task ------------------------------------------------------------------
 
@@ -412,8 +439,16 @@ class Lifecycle:
             end = None
         if following.ended.is_set():
             return  # a callback ended it meanwhile
+        if end is not None and self._needs_copies(end):
+            if not self._start_copying(record.task_id):  # a callback or a status read is copying it: it ends there
+                self.polls.add(following, self._next_ask(record))
+                return
+            try:
+                end = self._with_copies(end)
+            finally:
+                self._stop_copying(record.task_id)
         if end is not None:
-            self._finish(following, self._with_copies(end))
+            self._finish(following, end)
         elif time.time() >= record.created_at + TASK_TTL:
             self._finish(following, settled(record, TaskState.FAILED, "upstream_error", GIVEN_UP_MESSAGE))
         else:

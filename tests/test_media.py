@@ -211,3 +211,21 @@ def test_a_picture_sent_a_byte_at_a_time_is_given_up_at_the_deadline(tmp_path, m
         started = time.monotonic()
         assert media.keep(f"{url}/slow.png") is None
         assert time.monotonic() - started < 4  # not the six seconds the drip would take
+
+
+def test_a_slow_picture_is_copied_once_and_holds_up_no_status_read(serve_app, served_upstream, tmp_path):
+    service = serve_app(public=True, media_store="local", media_dir=str(tmp_path / "copies"))
+    pending = service.get("/nanobanana", params={"prompt": "[file-delay=3] a slow picture", "wait": "0"}).json()
+    slowest, answer = 0.0, None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        answer = requests.get(pending["status_url"], timeout=10)
+        slowest = max(slowest, time.monotonic() - started)
+        if answer.status_code != 202:
+            break
+        time.sleep(0.2)
+    assert answer.status_code == 200 and "/media/" in answer.json()["image_url"]
+    assert slowest < 2  # each read answered at once, though the copy took 3 s
+    upstream_id = answer.json()["upstream_task_id"]
+    assert served_upstream.files_served[upstream_id] == 1  # one copy, however many asked

@@ -18,6 +18,7 @@ Behaviour is chosen per task by markers in the prompt:
   [file-lifetime=S]  the picture's file is gone S seconds after the result (the real one lives ~14 days)
   [file-type=T]      the picture's file is served as content type T (text/html, say: not a picture)
   [file-redirect=U]  the picture's file answers 302 to the address U
+  [file-delay=S]     the picture's file is sent only after S seconds
   [result-url=U]     the result's address is U instead of the emulator's own file
   [shape=S]          record-info (and the callback) answer in another shape seen in the wild: urls
                      (response.resultUrls), json (a resultJson string), or state (`state` instead of successFlag)
@@ -101,6 +102,7 @@ class Upstream:
     rate: tuple[int, float] | None = None  # at most this many submissions per key in any window of seconds
     max_running: int | None = None  # at most this many tasks per key submitted and not yet finished
     refused: int = 0  # submissions answered 429 for a limit
+    files_served: dict[str, int] = field(default_factory=dict)  # requests for each task's picture files
     submitted_at: dict[str, deque] = field(default_factory=dict)  # each key's recent submissions (monotonic)
 
     def __post_init__(self):
@@ -275,6 +277,10 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
             return Response("not found", 404, mimetype="text/plain")
         if time.monotonic() > task.ready_at + float(task.markers.get("file-lifetime", "inf")):
             return Response("gone", 404, mimetype="text/plain")
+        with upstream.lock:
+            upstream.files_served[task_id] = upstream.files_served.get(task_id, 0) + 1
+        if "file-delay" in task.markers:
+            time.sleep(float(task.markers["file-delay"]))
         if "file-redirect" in task.markers:
             return Response("moved", 302, {"Location": task.markers["file-redirect"]}, mimetype="text/plain")
         return Response(placeholder_svg(task, number), content_type=task.markers.get("file-type", "image/svg+xml"))
