@@ -163,13 +163,18 @@ class KeyRing:
             raise UpstreamError("The API key that created this task is no longer configured.")
         return self.keys[number - 1]
 
+    def __post_init__(self):
+        # Fingerprints are looked up on every submission and status poll: made once, not hashed each time.
+        self._ids = tuple(hashlib.sha256(key.encode()).hexdigest()[:16] for key in self.keys)
+
     def key_id(self, number: int) -> str:
         """A fingerprint of the key, to find it again after the keys were renumbered; never the key."""
-        return hashlib.sha256(self.key(number).encode()).hexdigest()[:16]
+        self.key(number)  # a number that names no key is an UpstreamError
+        return self._ids[number - 1]
 
     def number_of(self, key_id: str | None) -> int | None:
         """The number of the key with this fingerprint, if it is still configured."""
-        return next((n for n in range(1, len(self.keys) + 1) if self.key_id(n) == key_id), None)
+        return self._ids.index(key_id) + 1 if key_id in self._ids else None
 
     def is_usable(self, number: int) -> bool:
         with self._lock:

@@ -67,7 +67,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._rests_in_a_row: dict[str | None, int] = {}
         self._resting_until: dict[str | None, float] = {}
-        self.waiting_left = False  # the last look left tasks in the queue
+        self._left_queued = False  # the last look left tasks in the queue
         self._next_expiry = 0.0
         self._next_sweep = 0.0
 
@@ -86,7 +86,7 @@ class Dispatcher:
 
     def task_ended(self) -> None:
         """A task ended: a key may have room for one of the tasks left in the queue."""
-        if self.waiting_left:
+        if self._left_queued:
             self._wake.set()
 
     def hold_after_busy(self, key_id: str | None, retry_after: float | None) -> float:
@@ -133,7 +133,7 @@ class Dispatcher:
             turns = self.store.take_turns(self.follower, now, self.pacing, self.usable_keys(), TURNS_AT_ONCE)
             for record in turns.taken:
                 self.submit(record)
-            self.waiting_left, next_chance = turns.left, turns.next_chance
+            self._left_queued, next_chance = turns.left, turns.next_chance
             if len(turns.taken) < TURNS_AT_ONCE:
                 break
             now = self.clock()

@@ -162,12 +162,18 @@ def test_a_caller_whose_task_this_process_took_at_once_still_gets_the_picture(ma
     assert answer.json["elapsed_seconds"] < 10  # when the picture was ready, not when the wait ran out
 
 
-def test_a_turn_taken_by_a_process_that_died_before_sending_goes_back_and_is_sent_once(make_app, upstream, tmp_path):
-    database = str(tmp_path / "shared.sqlite3")
+def left_in_line(make_app, database: str, prompt: str) -> dict:
+    """A task left queued in `database` by a process that has stopped (it took the minute's only turn first)."""
     paced = make_app(database_path=database, upstream_rate=(1, 60.0), api_keys=("key-one",))
     generate(paced, prompt="the only turn of the minute")
-    waiting = generate(paced, prompt="taken by a process that died", wait="0").json
+    waiting = generate(paced, prompt=prompt, wait="0").json
     stop_background(paced)
+    return waiting
+
+
+def test_a_turn_taken_by_a_process_that_died_before_sending_goes_back_and_is_sent_once(make_app, upstream, tmp_path):
+    database = str(tmp_path / "shared.sqlite3")
+    waiting = left_in_line(make_app, database, "taken by a process that died")
     heir = make_app(database_path=database, api_keys=("key-one",))
     parts = heir.extensions["nanobanana"]
     unpaced = Pacing(rate=None, max_running=None)
@@ -192,10 +198,7 @@ def test_an_idempotency_key_is_free_again_once_its_task_gave_up_waiting_in_line(
 
 def test_a_turn_taken_here_whose_work_was_lost_goes_back_and_is_sent_once(make_app, upstream, tmp_path):
     database = str(tmp_path / "shared.sqlite3")
-    paced = make_app(database_path=database, upstream_rate=(1, 60.0), api_keys=("key-one",))
-    generate(paced, prompt="the only turn of the minute")
-    waiting = generate(paced, prompt="its turn was taken and forgotten", wait="0").json
-    stop_background(paced)
+    waiting = left_in_line(make_app, database, "its turn was taken and forgotten")
     lifecycle = make_app(database_path=database, api_keys=("key-one",)).extensions["nanobanana"].lifecycle
     unpaced, key_id = Pacing(rate=None, max_running=None), lifecycle.client.keys.key_id(1)
     lost = lifecycle.store.take_turns(lifecycle.follower_id, time.time() - 60, unpaced, [key_id], 1).taken
