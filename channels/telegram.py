@@ -28,7 +28,7 @@ from domain.answers import ordinal
 from domain.conversations import Conversations, channel_owner, conversation_key
 from domain.lifecycle import Lifecycle
 from domain.media import Media
-from domain.netguard import plain_session
+from domain.netguard import BodyRefused, plain_session, read_bounded
 from domain.params import parse_generation
 from errors import InvalidRequest, ServiceError, StoreUnavailable, Unauthorized
 from stores.interface import Seen
@@ -43,6 +43,7 @@ UPDATES_REMEMBERED = 24 * 3600.0  # Telegram repeats an update it thinks was not
 CHAT_ACTION_EVERY = 4.0  # Telegram shows "sending a photo" for 5 s after each sendChatAction
 CAPTION_LIMIT = 1024
 MAX_PHOTO_BYTES = 20 * 1024 * 1024  # the largest file the Bot API lets a bot download
+PHOTO_DEADLINE = 60.0  # for the whole file
 PHOTO_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 SET_WEBHOOK_TRIES = 5
 
@@ -56,6 +57,7 @@ NEEDS_MEDIA = (
     "You can still describe a picture, and I make it."
 )
 NEEDS_CAPTION = "Please send the photo again with a caption that says how to change it."
+PHOTO_NOT_FETCHED = "I could not fetch that photo from Telegram. Please send it again."
 LIMITED = "That is a lot of pictures in a short time. Please wait a minute, then try again."
 IN_LINE_AFTER = 2.0  # seconds after which a picture still waiting for its turn is said to be in line
 IN_LINE = "Many pictures are being made right now: yours is {place} in line. I will send it here when it is ready."
@@ -97,12 +99,11 @@ class BotApi:
             ) as answer:
                 if answer.status_code != 200:
                     raise TelegramError(f"file: HTTP {answer.status_code}")
-                content = answer.raw.read(MAX_PHOTO_BYTES + 1, decode_content=True)
+                return b"".join(read_bounded(answer, MAX_PHOTO_BYTES, PHOTO_DEADLINE))
         except requests.RequestException as failure:
             raise TelegramError(f"file: no answer ({type(failure).__name__})") from None
-        if len(content) > MAX_PHOTO_BYTES:
-            raise TelegramError("file: larger than 20 MB")
-        return content
+        except BodyRefused as refused:
+            raise TelegramError(f"file: {refused}") from None
 
 
 class TelegramBot:
@@ -223,8 +224,14 @@ class TelegramBot:
         found = self.api.call("getFile", file_id=largest.get("file_id"))
         path = found.get("file_path", "") if isinstance(found, dict) else ""
         content_type = PHOTO_TYPES.get(path.rsplit(".", 1)[-1].lower())
+        try:
+            photo = self.api.download(path) if content_type else None
+        except TelegramError as failure:
+            log.warning("chat %d: %s", chat_id, failure)
+            self._say(chat_id, message_id, PHOTO_NOT_FETCHED)
+            return
         # A copy of our own: the upstream must never see the file's address, which holds the bot token.
-        copy = media.keep_file(io.BytesIO(self.api.download(path)), content_type) if content_type else None
+        copy = media.keep_file(io.BytesIO(photo), content_type) if photo is not None else None
         if copy is None:
             self._say(chat_id, message_id, "I could not read that photo. Please send it as a JPEG or PNG picture.")
             return

@@ -16,14 +16,13 @@ import os
 import re
 import secrets
 import tempfile
-import time
 from typing import IO
 from urllib.parse import urljoin
 
 import requests
 
 from config import Settings
-from domain.netguard import RefusedTarget, check_target, origin, public_session
+from domain.netguard import BodyRefused, RefusedTarget, check_target, origin, public_session, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,6 @@ class Media:
 
     def _read(self, answer: requests.Response, into: IO[bytes]) -> str:
         """The picture's bytes into `into`, if it is a picture of at most 30 MB; its content type."""
-        deadline = time.monotonic() + FETCH_DEADLINE
         if answer.status_code != 200:
             raise NotKept(f"the picture's address answered HTTP {answer.status_code}")
         content_type = answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -111,15 +109,11 @@ class Media:
             raise NotKept(f"not a picture ({content_type or 'no content type'})")
         if int(answer.headers.get("Content-Length") or 0) > MAX_BYTES:
             raise NotKept("larger than 30 MB")
-        size = 0
-        # read1: whatever has arrived, so that a picture sent a byte at a time meets the deadline too
-        while chunk := answer.raw.read1(64 * 1024, decode_content=True):
-            size += len(chunk)
-            if size > MAX_BYTES:
-                raise NotKept("larger than 30 MB")
-            if time.monotonic() > deadline:
-                raise NotKept(f"not fetched within {FETCH_DEADLINE:g} s")
-            into.write(chunk)
+        try:
+            for chunk in read_bounded(answer, MAX_BYTES, FETCH_DEADLINE):
+                into.write(chunk)
+        except BodyRefused as refused:
+            raise NotKept(str(refused)) from None
         return content_type
 
     def path(self, name: str) -> str | None:

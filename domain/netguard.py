@@ -4,13 +4,15 @@ A caller's URL is untrusted: unless allowed (WEBHOOK_ALLOW_PRIVATE=1), the servi
 address inside (loopback, private, link-local, multicast, reserved, their IPv6 forms and IPv4-mapped
 ones). `check_target` refuses such a URL when it arrives; `public_session` checks the address each
 connection actually reached, so a name that later resolves inside is refused too. No redirects are
-followed by the callers of this module.
+followed by the callers of this module. `read_bounded` reads what came back within a size and a deadline.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import time
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import requests
@@ -23,6 +25,10 @@ from errors import InvalidRequest
 
 class RefusedTarget(InvalidRequest):
     """A callback_url the service will not post to."""
+
+
+class BodyRefused(Exception):
+    """A body larger than allowed, or too slow to arrive."""
 
 
 # IPv6 addresses that carry an IPv4 address in their last 32 bits (NAT64, and SIIT's IPv4-translated form)
@@ -106,6 +112,20 @@ def public_session(allow_private: bool, trusted: tuple[str, ...] = ()) -> reques
     for trusted_origin in trusted:
         session.mount(trusted_origin + "/", HTTPAdapter())
     return session
+
+
+def read_bounded(answer: requests.Response, max_bytes: int, seconds: float) -> Iterator[bytes]:
+    """The body of a streamed answer as it arrives: at most `max_bytes`, all of it within `seconds`."""
+    deadline = time.monotonic() + seconds
+    size = 0
+    # read1: whatever has arrived, so that a body sent a byte at a time meets the deadline too
+    while chunk := answer.raw.read1(64 * 1024, decode_content=True):
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyRefused(f"larger than {max_bytes // 2**20} MB")
+        if time.monotonic() > deadline:
+            raise BodyRefused(f"not fetched within {seconds:g} s")
+        yield chunk
 
 
 class _PublicPeersOnly:

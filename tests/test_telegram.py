@@ -7,12 +7,14 @@ from __future__ import annotations
 import itertools
 import sqlite3
 import threading
+import time
 
 import pytest
 import requests
 from flask import Flask, Response, request
 
-from channels.telegram import CAPTION_LIMIT, HELP, IN_LINE, LIMITED, NEEDS_MEDIA
+import channels.telegram
+from channels.telegram import CAPTION_LIMIT, HELP, IN_LINE, LIMITED, NEEDS_MEDIA, PHOTO_NOT_FETCHED
 from tests.helpers import served_environ
 from tools.processes import Service, free_port, serving, wait_until
 
@@ -40,10 +42,13 @@ class FakeBotApi:
         with self.lock:
             self.calls.append((method, body))
         if method == "getFile":
-            return {"ok": True, "result": {"file_id": body["file_id"], "file_path": "photos/file_1.jpg"}}
+            path = "photos/slow.jpg" if body["file_id"] == "slow" else "photos/file_1.jpg"
+            return {"ok": True, "result": {"file_id": body["file_id"], "file_path": path}}
         return {"ok": True, "result": {"message_id": 1}}
 
     def file(self, token: str, path: str):
+        if token == TOKEN and path == "photos/slow.jpg":
+            return Response(drip(PHOTO * 100), content_type="application/octet-stream")
         if token != TOKEN or path != "photos/file_1.jpg":
             return Response("not found", 404)
         return Response(PHOTO, content_type="application/octet-stream")
@@ -51,6 +56,13 @@ class FakeBotApi:
     def to_chat(self, chat_id: int, method: str | None = None) -> list[tuple[str, dict]]:
         with self.lock:
             return [(m, body) for m, body in self.calls if body.get("chat_id") == chat_id and m == (method or m)]
+
+
+def drip(content: bytes):
+    """A byte every 0.1 s, until the reader goes away."""
+    for byte in content:
+        yield bytes([byte])
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +90,12 @@ def service(serve_app, bot_api, tmp_path, caplog):
     assert not [line for line in ours if TOKEN.split(":")[1] in line], "the bot token reached the log"
 
 
-def send(service: Service, chat_id: int, text: str | None = None, photo: bool = False, update_id=None, secret=SECRET):
+def send(service: Service, chat_id: int, text: str | None = None, photo=False, update_id=None, secret=SECRET):
+    """A message from the chat; `photo=True` (or the largest size's file id) sends a photo."""
     message = {"message_id": next(update_ids), "chat": {"id": chat_id, "type": "private"}, "date": 0}
     if photo:
-        message["photo"] = [{"file_id": "small", "width": 90}, {"file_id": "big", "width": 1280}]
+        largest = "big" if photo is True else photo
+        message["photo"] = [{"file_id": "small", "width": 90}, {"file_id": largest, "width": 1280}]
         if text:
             message["caption"] = text
     else:
@@ -149,6 +163,14 @@ def test_a_photo_with_a_caption_is_edited_without_the_token_leaving(service, bot
     [source] = task_with(served_upstream, "put a hat on her").params["imageUrls"]
     assert source.startswith(f"{service.url}/media/") and requests.get(source, timeout=5).content == PHOTO
     assert not [t for t in served_upstream.tasks.values() if TOKEN in str(t.params)]
+
+
+def test_a_photo_that_comes_too_slowly_is_given_up_and_said(service, bot_api, served_upstream, monkeypatch):
+    monkeypatch.setattr(channels.telegram, "PHOTO_DEADLINE", 1.0)
+    chat_id = next(chat_ids)
+    send(service, chat_id, "put a hat on the slow one", photo="slow")
+    assert messages(bot_api, chat_id) == [PHOTO_NOT_FETCHED]
+    assert not [t for t in served_upstream.tasks.values() if "the slow one" in t.params["prompt"]]
 
 
 def test_new_starts_over_and_undo_steps_back(service, bot_api, served_upstream):
