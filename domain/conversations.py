@@ -15,12 +15,7 @@ from domain.params import GenerationRequest
 from errors import UnknownSourceTask
 from nanobanana_client import Generation
 from stores.interface import Store
-from stores.records import Picture, TaskState
-
-# A chat platform's conversations and tasks belong to an owner that starts with this mark. No access token's
-# digest has it, and no user_id given over HTTP may hold it (domain/params.py): a chat's conversation is
-# in a namespace nobody can spell over HTTP, whatever the settings.
-CHANNEL_MARK = "\x1f"
+from stores.records import CHANNEL_MARK, Picture, TaskState
 
 
 def channel_owner(platform: str) -> str:

@@ -13,6 +13,10 @@ from typing import Any
 # taken over. Recording a task counts as a renewal for a follower the store does not know yet.
 FOLLOWER_LEASE = 10.0
 CHAIN_LENGTH = 50  # pictures kept in a user's chain, the latest
+# A chat platform's conversations and tasks belong to an owner that starts with this mark. No access token's
+# digest has it, and no user_id given over HTTP may hold it (domain/params.py): a chat's conversation is
+# in a namespace nobody can spell over HTTP, whatever the settings.
+CHANNEL_MARK = "\x1f"
 
 
 class TaskState(StrEnum):

@@ -21,6 +21,7 @@ from config import IDEMPOTENCY_TTL, TASK_TTL, Pacing
 from errors import IdempotencyConflict, QueueFull, StoreUnavailable
 from stores.records import (
     CHAIN_LENGTH,
+    CHANNEL_MARK,
     FOLLOWER_LEASE,
     DeliveryState,
     IdempotencyKey,
@@ -48,6 +49,7 @@ CONNECTION_WAIT = 5.0  # seconds a caller waits for a free connection before the
 # expire it, so that its pictures are still there to name: purges come once a minute.
 EXPIRE_AHEAD = 120.0
 PURGE_BATCH = 10_000  # conversations ended by one purge
+SCHEMA_VERSION = 1  # 1: chats' conversations and tasks carry CHANNEL_MARK
 # Redis answers a write it cannot take with these errors: the store is away for writes, not the service broken
 REFUSING_WRITES = ("MISCONF", "OOM", "READONLY", "LOADING", "BUSY", "NOREPLICAS")
 # The queue is a sorted set of members of one score, so in the order of their text: turn, then sequence.
@@ -305,6 +307,32 @@ for _, conversation in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[
 end
 return dropped
 """
+# KEYS: expiring; ARGV: prefix, old start, mark, history TTL. Moves the conversations whose name starts with the
+# old start to the marked name (a chat's conversation, before chats had a namespace of their own).
+_MARK_CHATS = """
+local moved = 0
+for _, conversation in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if string.sub(conversation, 1, #ARGV[2]) == ARGV[2] then
+        local marked = ARGV[3] .. conversation
+        for _, kind in ipairs({'chain:', 'user:'}) do
+            local old, new = ARGV[1] .. kind .. conversation, ARGV[1] .. kind .. marked
+            if redis.call('EXISTS', old) == 1 then
+                if redis.call('EXISTS', new) == 0 then
+                    redis.call('RENAME', old, new)
+                else  -- a picture came under the new name meanwhile: keep both chains, and the new user entry
+                    if kind == 'chain:' then redis.call('ZUNIONSTORE', new, 2, new, old) end
+                    redis.call('DEL', old)
+                    redis.call('EXPIRE', new, ARGV[4])
+                end
+            end
+        end
+        redis.call('ZADD', KEYS[1], redis.call('ZSCORE', KEYS[1], conversation), marked)
+        redis.call('ZREM', KEYS[1], conversation)
+        moved = moved + 1
+    end
+end
+return moved
+"""
 # KEYS: followers; ARGV: prefix, taker, now, limit. Moves tasks of followers whose lease ran out.
 _TAKE_OVER = """
 local taken = {}
@@ -361,6 +389,8 @@ class RedisStore:
         self._end_queued = self._script(_END_QUEUED)
         self._sending = self._script(_SENDING)
         self._release_key = self._script(_RELEASE_KEY)
+        self._mark_chats = self._script(_MARK_CHATS)
+        self._up_to_date = False
         self._waiters = Waiters()
         self._subscriber: threading.Thread | None = None
         self._subscriber_lock = threading.Lock()
@@ -549,8 +579,25 @@ class RedisStore:
 
     def purge(self, now: float) -> list[Picture]:
         """Every key carries its own expiry; conversations about to expire are ended here, to name their pictures."""
+        if not self._up_to_date:
+            self._bring_up_to_date()
         args = [self.prefix, now + min(EXPIRE_AHEAD, self.history_ttl / 10), PURGE_BATCH]
         return [_picture(entry) for entry in self._call(self._expire, keys=[self._key("expiring")], args=args)]
+
+    def _bring_up_to_date(self) -> None:
+        """Once per database, what changed since it was written: chats' tasks, then their conversations, move to
+        names no HTTP user id can spell (tasks first, so that a picture ending meanwhile lands under the new name)."""
+        if int(self._call(self.redis.get, self._key("schema")) or 0) < SCHEMA_VERSION:
+            tasks = self._call(lambda: list(self.redis.scan_iter(match=self._key("task:") + "*", count=1000)))
+            for key in tasks:
+                owner, conversation = self._call(self.redis.hmget, key, "owner", "conversation")
+                if owner == "telegram" and conversation:  # queued ones keep their lane: only the order uses it
+                    marked = {"owner": CHANNEL_MARK + owner, "conversation": CHANNEL_MARK + conversation}
+                    self._call(self.redis.hset, key, mapping=marked)
+            args = [self.prefix, "telegram/", CHANNEL_MARK, self.history_ttl]
+            self._call(self._mark_chats, keys=[self._key("expiring")], args=args)
+            self._call(self.redis.set, self._key("schema"), SCHEMA_VERSION)
+        self._up_to_date = True
 
     def close(self) -> None:
         self._closed.set()

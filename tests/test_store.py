@@ -473,6 +473,25 @@ def test_a_chats_conversation_moves_out_of_reach_of_http_user_ids(tmp_path, cloc
 
 
 @pytest.mark.slow
+def test_a_chats_conversation_in_redis_moves_out_of_reach_of_http_user_ids(redis_server, redis_store, clock):
+    chat = "telegram/telegram:5"  # as release 6 wrote them: a chat's tasks under the owner "telegram"
+    for task_id in ("ended", "pending"):
+        redis_store.record_task(replace(draft(redis_store, task_id, chat), owner="telegram", used_previous_image=False))
+    complete(redis_store, "ended", "success", "https://f.test/chat.png")
+    assert [p.image_url for p in redis_store.chain(chat)] == ["https://f.test/chat.png"]
+    upgraded = RedisStore(redis_server.url, history_ttl=3600, clock=clock)
+    upgraded.purge(clock.now)  # the keeper's first round
+    complete(upgraded, "pending", "success", "https://f.test/later.png")
+    assert upgraded.chain(chat) == []
+    assert [p.image_url for p in upgraded.chain("\x1f" + chat)] == [
+        "https://f.test/chat.png",
+        "https://f.test/later.png",
+    ]
+    assert upgraded.purge(clock.now + 3600) and upgraded.chain("\x1f" + chat) == []  # it still expires
+    upgraded.close()
+
+
+@pytest.mark.slow
 def test_a_redis_that_refuses_writes_is_unavailable_not_broken(redis_store):
     new_task(redis_store, "t1")
     redis_store.redis.config_set("min-replicas-to-write", 1)  # writes are refused (NOREPLICAS), reads still work
