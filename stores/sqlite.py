@@ -138,6 +138,10 @@ MIGRATIONS = (
     UPDATE pictures SET conversation = char(31) || conversation WHERE conversation LIKE 'telegram/telegram:%';
     UPDATE history SET conversation = char(31) || conversation WHERE conversation LIKE 'telegram/telegram:%';
     """,
+    """
+    CREATE TABLE health (writes INTEGER NOT NULL);  -- one row, written by each health check
+    INSERT INTO health VALUES (0);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
@@ -522,8 +526,10 @@ class SqliteStore:
 
     def ping(self) -> bool:
         try:
-            with self._transaction() as db:  # a write that changes nothing: a full disk or a read-only file fails it
-                db.execute("UPDATE turns SET current = current")
+            # a write that changes a value (SQLite skips writing an unchanged row): a full disk or a read-only file
+            # fails it
+            with self._transaction() as db:
+                db.execute("UPDATE health SET writes = writes + 1")
         except StoreUnavailable:
             return False
         return True
@@ -611,6 +617,7 @@ def open_database(path: str) -> sqlite3.Connection:
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA journal_size_limit = 16777216")  # a WAL grown by a burst shrinks back to 16 MB
     migrate(db)
     return db
 

@@ -10,7 +10,9 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
+import psutil
 import pytest
 import requests
 
@@ -136,6 +138,41 @@ def test_redis_stopped_and_started_mid_flight_loses_nothing(served_upstream, red
             assert shared.get(f"/nanobanana/tasks/{picture.json()['task_id']}").status_code == 200
     finally:
         shared.stop()
+
+
+def test_a_full_disk_turns_health_red_reads_still_answer_and_nothing_is_lost(served_upstream, tmp_path):
+    full = Service(settings_for(served_upstream), tmp_path / "full.log").wait_ready()
+    run = f"full-{uuid.uuid4().hex[:6]}"
+    try:
+        pending = generate(full, prompt=f"[delay=2] {run} made before the disk filled", wait="0").json()
+        wait_until(lambda: full.get(f"/nanobanana/tasks/{pending['task_id']}").json()["upstream_task_id"])
+        with disk_full(full):
+            health = full.get("/healthz")
+            assert health.status_code == 503 and health.json()["store_ok"] is False
+            assert full.get(f"/nanobanana/tasks/{pending['task_id']}").status_code in (200, 202)
+            refused = generate(full, prompt=f"{run} asked while the disk is full", wait="0")
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+            [task] = upstream_tasks_for(served_upstream, run)
+            wait_until(lambda: task.polls_told_the_end, timeout=10)  # the service heard the end, and cannot write it
+        wait_until(lambda: full.get("/healthz").status_code == 200, timeout=10)
+        ended = wait_until(lambda: (answer := full.get(f"/nanobanana/tasks/{pending['task_id']}")).ok and answer)
+        assert ended.json()["status"] == "success" and ended.json()["image_url"]
+        assert len(upstream_tasks_for(served_upstream, run)) == 1  # the refused one was never paid for
+    finally:
+        full.stop()
+
+
+@contextmanager
+def disk_full(service: Service):
+    """Every write the service's processes make to a file fails (RLIMIT_FSIZE of 0), as on a full disk."""
+    processes = [psutil.Process(service.process.pid), *service.workers()]
+    for process in processes:
+        process.rlimit(psutil.RLIMIT_FSIZE, (0, process.rlimit(psutil.RLIMIT_FSIZE)[1]))
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.rlimit(psutil.RLIMIT_FSIZE, (psutil.RLIM_INFINITY, process.rlimit(psutil.RLIMIT_FSIZE)[1]))
 
 
 def test_a_cut_off_request_retried_with_its_key_pays_once(service, served_upstream):

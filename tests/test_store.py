@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from dataclasses import replace
@@ -414,6 +415,24 @@ def test_tasks_and_keys_are_kept_a_day(sqlite_store, clock):
     assert sqlite_store.task("old") is None
     assert sqlite_store.keyed_task(key) is None
     assert sqlite_store.task("new") is not None
+
+
+def test_the_sqlite_file_stops_growing_once_the_purge_has_freed_its_pages(tmp_path, clock):
+    path = str(tmp_path / "busy.sqlite3")
+    store = SqliteStore(path, history_ttl=3600, max_users=100_000, clock=clock)
+    sizes = []
+    for day in range(3):
+        for n in range(1000):
+            key = IdempotencyKey(f"scope-{day}-{n}", "fingerprint")
+            store.record_task(draft(store, f"t{day}-{n}", f"user-{day}-{n}"), key)
+            complete(store, f"t{day}-{n}", "success", f"https://f.test/{day}/{n}.png")
+        store.close()
+        sizes.append(os.path.getsize(path))  # checkpointed whole when the last connection closes
+        store = SqliteStore(path, history_ttl=3600, max_users=100_000, clock=clock)
+        clock.now += 2 * 24 * 3600 + 1
+        store.purge(clock.now)
+    store.close()
+    assert sizes[2] <= sizes[0] * 1.1, sizes  # each day's records reuse the pages of the one before
 
 
 @pytest.mark.slow

@@ -81,6 +81,7 @@ class EmulatedTask:
     image_urls: list[str]
     markers: dict[str, str]
     polls: int = 0
+    polls_told_the_end: int = 0  # polls answered with the result
 
     @property
     def ready_wall_time(self) -> float:
@@ -239,6 +240,8 @@ def create_emulator(upstream: Upstream | None = None) -> Flask:
                 return Response("<html>Internal Server Error</html>", 500, mimetype="text/html")
         if "poll-hang" in task.markers:
             time.sleep(float(task.markers["poll-hang"]))
+        if time.monotonic() >= task.ready_at:
+            task.polls_told_the_end += 1
         return envelope(200, "success", record(task))
 
     @app.get("/api/v1/common/credit")
