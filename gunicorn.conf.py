@@ -9,6 +9,7 @@ The worker timeout only watches the worker's heartbeat, so a request inside its 
 killed for being slow, and a restart lets waiting requests finish (graceful_timeout).
 """
 
+import glob
 import logging
 import os
 import resource
@@ -23,8 +24,29 @@ import tempfile
 METRICS_PREFIX = "nanobanana-metrics-"
 MAX_CLIENT_CONNECTIONS = 15_000  # waiting requests and callbacks; docs/benchmark.md: 10,000 waiting in one process
 FILES_KEPT_FREE = 3_000  # for connections to the upstream (its pool keeps up to 1,024), Redis, the database
+
+
+def remove_stale_metrics() -> None:
+    """The folders of earlier starts whose master is gone (killed, so on_exit never ran): named by its pid."""
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), METRICS_PREFIX + "*-*")):
+        pid = os.path.basename(folder)[len(METRICS_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+    remove_stale_metrics()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
 
 from config import ConfigError, load_settings  # noqa: E402
 from stores.sqlite import check_database, open_database  # noqa: E402

@@ -248,6 +248,21 @@ def test_the_metrics_folder_goes_when_the_service_stops(served_upstream, tmp_pat
     assert len(made) == 1 and not made.pop().exists()
 
 
+def test_metrics_folders_left_by_a_killed_service_are_removed_at_the_next_start(served_upstream, tmp_path):
+    killed = Service(served_environ(served_upstream), tmp_path / "killed.log").wait_ready()
+    killed.kill()
+    [left] = killed.tmp_dir.glob("nanobanana-metrics-*")
+    another = killed.tmp_dir / f"nanobanana-metrics-{os.getpid()}-running"  # a service still running: kept
+    another.mkdir()
+    again = Service({**served_environ(served_upstream), "TMPDIR": str(killed.tmp_dir)}, tmp_path / "again.log")
+    again.wait_ready()
+    try:
+        assert not left.exists() and another.exists()
+        assert len(list(killed.tmp_dir.glob("nanobanana-metrics-*"))) == 2  # its own, and the running one's
+    finally:
+        again.stop()
+
+
 # -- make run ---------------------------------------------------------------------------------------
 
 
