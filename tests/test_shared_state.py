@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -9,7 +10,7 @@ import pytest
 import requests
 
 from tests.helpers import emulated_upstream
-from tools.processes import Service, wait_until
+from tools.processes import RedisServer, Service, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +120,45 @@ def test_metrics_add_up_every_worker(instances):
         answers = list(pool.map(lambda n: generate(instance, prompt=f"[delay=0.3] count {n}"), range(20)))
     assert [a.status_code for a in answers] == [200] * 20
     assert requests_answered(instance) == before + 20
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory):
+    """redis-server speaking only TLS with a self-signed certificate, as managed Redis (Heroku's) does."""
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=redis.invalid"]
+        + ["-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+        check=True,
+        capture_output=True,
+    )
+    server = RedisServer(tls=folder).start()
+    yield server
+    server.stop()
+
+
+def test_managed_redis_over_tls_with_a_self_signed_certificate(upstream, tls_redis, tmp_path):
+    environ = {"API_KEYS_1": KEY, "NANOBANANA_API_BASE": upstream.url, "POLL_INTERVAL": "0.05"}
+    environ.update(REDIS_URL=f"{tls_redis.url}?ssl_cert_reqs=none", RATE_LIMIT="2/minute", WEB_CONCURRENCY="2")
+    service = Service(environ, tmp_path / "tls.log").wait_ready()
+    try:
+        assert service.get("/healthz").json()["store"] == "redis"
+        assert generate(service, prompt="a cat over tls", user_id="secure").status_code == 200
+        assert generate(service, prompt="make it blue", user_id="secure").json()["used_previous_image"] is True
+        limited = generate(service, prompt="make it green", user_id="secure")  # the count is kept in Redis too
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    finally:
+        service.stop()
+    verifying = Service({**environ, "REDIS_URL": tls_redis.url}, tmp_path / "verifying.log")
+    try:  # without ssl_cert_reqs=none the certificate is checked, and this one is nobody's
+        wait_until(lambda: health_of(verifying) == 503, timeout=30)
+    finally:
+        log = verifying.stop()
+    assert "certificate verify failed" in log and "Traceback" not in log
+
+
+def health_of(service: Service) -> int | None:
+    try:
+        return service.get("/healthz").status_code
+    except requests.ConnectionError:  # not listening yet
+        return None

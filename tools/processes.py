@@ -64,23 +64,30 @@ def procfile_command() -> list[str]:
 
 
 class RedisServer:
-    """A real redis-server on a free port; it can be stopped and started again."""
+    """A real redis-server on a free port; it can be stopped and started again. With `tls` (a folder holding
+    cert.pem and key.pem), it speaks only TLS, as managed Redis does, and its url says rediss://."""
 
     MISSING = "redis-server is not installed (Debian: apt-get install redis-server)"
 
-    def __init__(self):
+    def __init__(self, tls: Path | None = None):
         executable = shutil.which("redis-server")
         if executable is None:
             raise FileNotFoundError(self.MISSING)
         self.executable = executable
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
-        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command = [self.executable, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.tls:
+            command += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            command += ["--tls-cert-file", str(self.tls / "cert.pem"), "--tls-key-file", str(self.tls / "key.pem")]
+        else:
+            command += ["--port", str(self.port)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url + ("?ssl_cert_reqs=none" if self.tls else ""))
         wait_until(lambda: _pings(client), timeout=10)
         client.close()
         return self
