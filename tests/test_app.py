@@ -487,14 +487,14 @@ def test_a_store_that_reads_but_cannot_write_is_unhealthy_yet_answers_reads(make
     pending = generate(client, prompt="[delay=30] a slow cat", wait="0").json
     wait_until(lambda: client.get(pending["status_url"]).json["upstream_task_id"], timeout=5)
     store = app.extensions["nanobanana"].store
-    with store._lock:  # the disk fills up: SQLite can still read, but no longer write
-        store._db.execute("PRAGMA query_only = ON")
+    with store.database.reading() as db:  # the disk fills up: SQLite can still read, but no longer write
+        db.execute("PRAGMA query_only = ON")
     health = client.get("/healthz")
     assert health.status_code == 503 and health.json["store_ok"] is False
     status = client.get(pending["status_url"])
     assert status.status_code == 202 and status.json["status"] == "pending"
     refused = generate(client, prompt="a cat", wait="0")
     assert refused.status_code == 503 and refused.json["error"]["code"] == "store_unavailable"
-    with store._lock:
-        store._db.execute("PRAGMA query_only = OFF")
+    with store.database.reading() as db:
+        db.execute("PRAGMA query_only = OFF")
     assert client.get("/healthz").json["store_ok"] is True
