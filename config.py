@@ -75,7 +75,8 @@ class Settings:
     port: int = 8000
     web_concurrency: int = 1
     redis_url: str | None = None
-    database_path: str = "data/nanobanana.sqlite3"  # the SQLite store, when there is no REDIS_URL
+    database_url: str | None = None  # names the store: PostgreSQL's address, or sqlite:///path
+    database_path: str = "data/nanobanana.sqlite3"  # the SQLite store, when no other is named
     public_base_url: str | None = None
     proxy_hops: int = 1  # proxies in front that add X-Forwarded-*; 0: those headers are ignored
     webhook_secret: str | None = field(default=None, repr=False)  # whsec_…: signs webhooks to callers
@@ -139,7 +140,14 @@ class Settings:
 
     @property
     def store_name(self) -> str:
+        """Which store keeps the ledger: the one DATABASE_URL names, else Redis, else the SQLite file."""
+        if self.database_url:
+            return "postgres" if self.postgres_url else "sqlite"
         return "redis" if self.redis_url else "sqlite"
+
+    @property
+    def postgres_url(self) -> str | None:
+        return self.database_url if self.database_url and not self.database_url.startswith("sqlite:") else None
 
 
 def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
@@ -155,23 +163,18 @@ DEFAULTS = Settings()
 
 
 def _parse(env: Mapping[str, str]) -> Settings:
-    web_concurrency = _integer(env, "WEB_CONCURRENCY", DEFAULTS.web_concurrency, minimum=1)
-    redis_url = _redis_url(env)
-    if web_concurrency > 1 and not redis_url:
-        raise ConfigError(
-            f"WEB_CONCURRENCY={web_concurrency} needs REDIS_URL: the embedded SQLite store serves one process "
-            "(a callback to one worker would not wake a request waiting in another); set REDIS_URL or WEB_CONCURRENCY=1"
-        )
-    return Settings(
+    database_url, database_path = _database(env)
+    settings = Settings(
         api_keys=_api_keys(env),
         api_base=_url(env, "NANOBANANA_API_BASE", DEFAULTS.api_base),
         credit_path=_text(env, "NANOBANANA_CREDIT_PATH", DEFAULTS.credit_path),
         poll_interval=_number(env, "POLL_INTERVAL", DEFAULTS.poll_interval, minimum=0.01),
         poll_max_attempts=_integer(env, "POLL_MAX_ATTEMPTS", DEFAULTS.poll_max_attempts, minimum=1),
         port=_integer(env, "PORT", DEFAULTS.port, minimum=1, maximum=65535),
-        web_concurrency=web_concurrency,
-        redis_url=redis_url,
-        database_path=_text(env, "DATABASE_PATH", DEFAULTS.database_path),
+        web_concurrency=_integer(env, "WEB_CONCURRENCY", DEFAULTS.web_concurrency, minimum=1),
+        redis_url=_redis_url(env),
+        database_url=database_url,
+        database_path=database_path,
         public_base_url=_url(env, "PUBLIC_BASE_URL", None),
         proxy_hops=_integer(env, "PROXY_HOPS", DEFAULTS.proxy_hops, minimum=0, maximum=10),
         webhook_secret=_webhook_secret(env),
@@ -192,6 +195,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
         queue_max_wait=_number(env, "QUEUE_MAX_WAIT", DEFAULTS.queue_max_wait, minimum=1),
         queue_max=_integer(env, "QUEUE_MAX", DEFAULTS.queue_max, minimum=1),
     )
+    if settings.web_concurrency > 1 and settings.store_name == "sqlite":
+        raise ConfigError(
+            f"WEB_CONCURRENCY={settings.web_concurrency} needs DATABASE_URL (PostgreSQL) or REDIS_URL: the embedded "
+            "SQLite store serves one process (a callback to one worker would not wake a request waiting in another); "
+            "set one of them, or WEB_CONCURRENCY=1"
+        )
+    return settings
 
 
 def _api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -300,6 +310,23 @@ def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tu
     if not delays or not all(math.isfinite(d) and d >= 0 for d in delays):
         raise ConfigError(f"{name}={raw!r} must be seconds separated by commas, like 5,30,120")
     return delays
+
+
+def _database(env: Mapping[str, str]) -> tuple[str | None, str]:
+    """DATABASE_URL: PostgreSQL's address (postgres:// as PaaS add-ons give it, or postgresql://), or
+    sqlite:///path for the embedded store; else DATABASE_PATH. DATABASE_URL, and the SQLite file's path."""
+    value = env.get("DATABASE_URL", "").strip()
+    path = _text(env, "DATABASE_PATH", DEFAULTS.database_path)
+    if not value:
+        return None, path
+    if re.match(r"postgres(ql)?://", value):
+        return value, path
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return value, value.removeprefix("sqlite:///")
+    raise ConfigError(
+        "DATABASE_URL must start with postgres://, postgresql:// or sqlite:///, like "
+        "postgresql://user:password@host:5432/name or sqlite:///data/nanobanana.sqlite3"
+    )
 
 
 def _redis_url(env: Mapping[str, str]) -> str | None:

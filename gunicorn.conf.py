@@ -54,7 +54,7 @@ from web.telemetry import OneLineFormatter  # noqa: E402
 
 try:
     settings = load_settings()
-    if not settings.redis_url:  # check, then create or migrate the schema once, before any worker starts
+    if settings.store_name == "sqlite":  # check, then create or migrate the schema once, before any worker starts
         warning = check_database(settings.database_path)
         if warning:
             print(f"Warning: {warning}", file=sys.stderr)

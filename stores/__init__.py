@@ -7,7 +7,11 @@ from stores.interface import Store
 
 
 def open_store(settings: Settings) -> Store:
-    """Redis with REDIS_URL; otherwise the SQLite file at DATABASE_PATH."""
+    """PostgreSQL with DATABASE_URL; else Redis with REDIS_URL; else the SQLite file (DATABASE_PATH)."""
+    if settings.postgres_url:
+        from stores.postgres import PostgresStore
+
+        return PostgresStore(settings.postgres_url, settings.history_ttl, settings.history_max_users)
     if settings.redis_url:
         from stores.redis import RedisStore
 

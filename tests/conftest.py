@@ -16,11 +16,12 @@ from requests.structures import CaseInsensitiveDict
 from app import create_app, start_background, stop_background
 from config import Settings
 from stores.interface import Store
+from stores.postgres import PostgresStore
 from stores.redis import RedisStore
 from stores.sqlite import SqliteStore
 from tests.helpers import SERVED_KEY, Served, emulated_upstream
 from tools.emulator import Upstream, create_emulator
-from tools.processes import RedisServer, free_port, serving
+from tools.processes import PostgresServer, RedisServer, free_port, serving
 
 UPSTREAM = "http://upstream.test"
 KEYS = ("key-one", "key-two")
@@ -85,6 +86,20 @@ def redis_server():
         pytest.skip(str(missing))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the whole run (a missing one fails the run when CI is set)."""
+    try:
+        server = PostgresServer().start().create_database()
+    except FileNotFoundError as missing:
+        if os.environ.get("CI"):
+            pytest.fail(str(missing))
+        pytest.skip(str(missing))
+    yield server
+    server.stop()
+    server.remove()
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +210,17 @@ def redis_store(redis_server, clock):
     store.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.slow)])
+@pytest.fixture
+def postgres_store(postgres_server, clock):
+    postgres_server.reset()
+    store = PostgresStore(postgres_server.url, history_ttl=3600, max_users=3, clock=clock)
+    yield store
+    store.close()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("redis", marks=pytest.mark.slow), pytest.param("postgres", marks=pytest.mark.slow)]
+)
 def store(request) -> Store:
     """The behaviour every store shares, checked on each of them."""
     return request.getfixturevalue(f"{request.param}_store")

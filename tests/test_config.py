@@ -69,11 +69,32 @@ def test_bad_value_names_the_variable(name, value):
     assert message.startswith(name) and "\n" not in message
 
 
-def test_several_workers_need_redis():
-    with pytest.raises(ConfigError, match="WEB_CONCURRENCY=2 needs REDIS_URL"):
+def test_several_workers_need_a_shared_store():
+    with pytest.raises(ConfigError, match="WEB_CONCURRENCY=2 needs DATABASE_URL"):
         settings_from(WEB_CONCURRENCY="2")
     settings = settings_from(WEB_CONCURRENCY="2", REDIS_URL="redis://localhost:6379/0")
     assert settings.web_concurrency == 2 and settings.redis_url == "redis://localhost:6379/0"
+    assert settings_from(WEB_CONCURRENCY="2", DATABASE_URL="postgres://u:p@db.example:5432/d").web_concurrency == 2
+
+
+@pytest.mark.parametrize(
+    "url, store, path",
+    [
+        ("postgres://user:secret-pw@db.example:5432/banana", "postgres", "data/nanobanana.sqlite3"),
+        ("postgresql://user:secret-pw@db.example/banana?sslmode=require", "postgres", "data/nanobanana.sqlite3"),
+        ("sqlite:///var/lib/banana.sqlite3", "sqlite", "var/lib/banana.sqlite3"),
+        ("sqlite:////var/lib/banana.sqlite3", "sqlite", "/var/lib/banana.sqlite3"),
+    ],
+)
+def test_database_url_names_the_store(url, store, path):
+    settings = settings_from(DATABASE_URL=url, REDIS_URL="redis://localhost:6379/0")  # Redis then keeps counters
+    assert (settings.store_name, settings.database_path) == (store, path)
+    assert "secret-pw" not in repr(settings)
+
+
+def test_database_url_must_name_a_database_this_service_knows():
+    with pytest.raises(ConfigError, match="DATABASE_URL must start with postgres://"):
+        settings_from(DATABASE_URL="mysql://user@db/banana")
 
 
 def test_redis_url_must_be_a_redis_address():

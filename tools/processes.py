@@ -161,3 +161,67 @@ class Service:
                 process.kill()
         self.process.wait(timeout=30)
         self.log.close()
+
+
+class PostgresServer:
+    """A real PostgreSQL server in a folder of its own, on a free port, with a database and a user that has a
+    password (so that tests can look for it where it must never be). PostgreSQL refuses to run as root: as
+    root, the server runs as the `postgres` user that Debian's package creates."""
+
+    MISSING = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
+    USER, PASSWORD, DATABASE = "nanobanana", "pg-test-password-never-shown", "nanobanana"
+
+    def __init__(self):
+        self.bin = _postgres_bin()
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="nanobanana-pg-"))
+        self.data = self.folder / "data"
+        self.url = f"postgresql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{self.DATABASE}"
+        self._user = "postgres" if os.geteuid() == 0 else None
+        if self._user:
+            shutil.chown(self.folder, self._user)
+        self._pg(["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+        self._options = (
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+        )
+
+    def start(self) -> PostgresServer:
+        self._pg(["pg_ctl", "-D", str(self.data), "-o", self._options, "-l", str(self.folder / "log"), "-w", "start"])
+        return self
+
+    def create_database(self) -> PostgresServer:
+        """The service's user (with its password) and an empty database it owns."""
+        import psycopg
+
+        with psycopg.connect(host=str(self.folder), port=self.port, user="postgres", autocommit=True) as db:
+            db.execute(f"CREATE ROLE {self.USER} LOGIN PASSWORD '{self.PASSWORD}'")
+            db.execute(f"CREATE DATABASE {self.DATABASE} OWNER {self.USER}")
+        return self
+
+    def reset(self) -> None:
+        """An empty database again (the tables are made by the next store that connects)."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as db:
+            db.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+
+    def stop(self) -> None:
+        self._pg(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _pg(self, command: list[str]) -> None:
+        command = [str(self.bin / command[0]), *command[1:]]
+        subprocess.run(command, check=True, capture_output=True, user=self._user, cwd=self.folder)
+
+
+def _postgres_bin() -> Path:
+    """The folder of initdb and pg_ctl: on the PATH, else where Debian puts them (the newest version)."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
+    if not versions:
+        raise FileNotFoundError(PostgresServer.MISSING)
+    return versions[-1].parent
