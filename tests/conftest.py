@@ -75,28 +75,28 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(scope="session")
-def redis_server():
-    """One real redis-server for the whole run (a missing one fails the run when CI is set)."""
+def started(start):
+    """A real server, started by `start()`; missing, it skips the test, or fails it when CI is set."""
     try:
-        server = RedisServer().start()
+        return start()
     except FileNotFoundError as missing:
         if os.environ.get("CI"):
             pytest.fail(str(missing))
         pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the whole run."""
+    server = started(lambda: RedisServer().start())
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """One real PostgreSQL server for the whole run (a missing one fails the run when CI is set)."""
-    try:
-        server = PostgresServer().start().create_database()
-    except FileNotFoundError as missing:
-        if os.environ.get("CI"):
-            pytest.fail(str(missing))
-        pytest.skip(str(missing))
+    """One real PostgreSQL server for the whole run, with the service's database and user."""
+    server = started(lambda: PostgresServer().start().create_database())
     yield server
     server.stop()
     server.remove()
