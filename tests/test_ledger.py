@@ -66,11 +66,22 @@ def start_twenty_generations(service: Service, upstream, run: str, pool: ThreadP
     return {task.params["prompt"].rsplit(" ", 1)[1]: task.image_urls[0] for task in tasks}
 
 
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def store_environ(store: str, request, tmp_path) -> dict[str, str]:
+    """The settings naming a fresh store of that kind (its real server started once per run)."""
+    if store == "redis":
+        return {"REDIS_URL": request.getfixturevalue("redis_server").url}
+    if store == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        server.reset()
+        return {"DATABASE_URL": server.url}
+    return {"DATABASE_PATH": str(tmp_path / "db.sqlite3")}
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis", "postgres"])
 def test_kill_9_with_tasks_in_flight_then_restart_remembers_every_paid_picture(
-    served_upstream, redis_server, tmp_path, store
+    served_upstream, tmp_path, store, request
 ):
-    extra = {"REDIS_URL": redis_server.url} if store == "redis" else {"DATABASE_PATH": str(tmp_path / "db.sqlite3")}
+    extra = store_environ(store, request, tmp_path)
     first = Service(settings_for(served_upstream, **extra), tmp_path / "first.log").wait_ready()
     run = f"crash-{store}-{uuid.uuid4().hex[:6]}"
     with ThreadPoolExecutor(10) as callers:
