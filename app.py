@@ -60,7 +60,7 @@ def create_app(
     app.wsgi_app = CallbackReceiver(proxied, parts.lifecycle, metrics, describe_error)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
-    init_access(app, settings, request_values, store_options(parts.store))
+    init_access(app, settings, request_values, parts.store)
     if settings.telegram_bot_token:
         api = BotApi(settings.telegram_api_base, settings.telegram_bot_token, bot_session)
         parts.telegram = TelegramBot(
@@ -108,12 +108,6 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
         media=media,
         owns_store=owns_store,
     )
-
-
-def store_options(store: Store) -> dict:
-    """The rate limiter shares Redis' connection pool when the store is Redis."""
-    pool = getattr(store, "pool", None)
-    return {"connection_pool": pool} if pool is not None else {}
 
 
 def start_background(app: Flask) -> None:

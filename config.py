@@ -195,12 +195,6 @@ def _parse(env: Mapping[str, str]) -> Settings:
         queue_max_wait=_number(env, "QUEUE_MAX_WAIT", DEFAULTS.queue_max_wait, minimum=1),
         queue_max=_integer(env, "QUEUE_MAX", DEFAULTS.queue_max, minimum=1),
     )
-    if settings.web_concurrency > 1 and settings.store_name == "sqlite":
-        raise ConfigError(
-            f"WEB_CONCURRENCY={settings.web_concurrency} needs DATABASE_URL (PostgreSQL) or REDIS_URL: the embedded "
-            "SQLite store serves one process (a callback to one worker would not wake a request waiting in another); "
-            "set one of them, or WEB_CONCURRENCY=1"
-        )
     return settings
 
 

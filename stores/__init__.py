@@ -18,4 +18,5 @@ def open_store(settings: Settings) -> Store:
         return RedisStore(settings.redis_url, settings.history_ttl)
     from stores.sqlite import SqliteStore
 
-    return SqliteStore(settings.database_path, settings.history_ttl, settings.history_max_users)
+    shared = settings.web_concurrency > 1  # several workers on one file: ends are also written for the others
+    return SqliteStore(settings.database_path, settings.history_ttl, settings.history_max_users, shared=shared)

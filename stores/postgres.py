@@ -109,6 +109,9 @@ MIGRATIONS = (
     CREATE TABLE health (writes BIGINT NOT NULL);
     INSERT INTO health VALUES (0);
     """,
+    """
+    CREATE TABLE counters (key TEXT PRIMARY KEY, hits BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 WRITER_LOCK = 0x6E616E6F  # the advisory lock every write transaction holds ("nano")

@@ -449,6 +449,29 @@ class SqlStore:
     def on_notify(self, callback: Callable[[str], None]) -> None:
         self._waiters.subscribe(callback)
 
+    # -- RATE_LIMIT's counters, when several processes count together ---------------------------
+
+    def count(self, key: str, window: float, amount: int = 1) -> int:
+        """Add `amount` to the counter, which starts afresh `window` seconds after its first count; its total."""
+        now = self.clock()
+        with self.database.transaction() as db:
+            return db.execute(
+                "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "hits = CASE WHEN counters.expires_at <= ? THEN excluded.hits ELSE counters.hits + excluded.hits END, "
+                "expires_at = CASE WHEN counters.expires_at <= ? THEN excluded.expires_at ELSE counters.expires_at END "
+                "RETURNING hits",
+                (key, amount, now + window, now, now),
+            ).fetchone()["hits"]
+
+    def counter(self, key: str) -> tuple[int, float]:
+        """The counter's total, and when it starts afresh (now, for a counter with no count)."""
+        now = self.clock()
+        row = self.database.one("SELECT hits, expires_at FROM counters WHERE key = ? AND expires_at > ?", (key, now))
+        return (row["hits"], row["expires_at"]) if row else (0, now)
+
+    def clear_counter(self, key: str) -> None:
+        self.database.run("DELETE FROM counters WHERE key = ?", (key,))
+
     def ping(self) -> bool:
         try:
             # a write that changes a value (SQLite skips writing an unchanged row): a full disk or a read-only file
@@ -467,6 +490,7 @@ class SqlStore:
             db.execute("DELETE FROM tasks WHERE created_at < ?", (now - 2 * TASK_TTL,))
             db.execute("DELETE FROM idempotency WHERE created_at < ?", (now - IDEMPOTENCY_TTL,))
             db.execute("DELETE FROM seen WHERE until <= ?", (now,))
+            db.execute("DELETE FROM counters WHERE expires_at <= ?", (now,))
             db.execute("DELETE FROM history WHERE updated_at <= ?", (now - self.history_ttl,))
             db.execute(
                 "DELETE FROM history WHERE conversation NOT IN "

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from errors import StoreUnavailable
+from stores.records import Picture
 from stores.sql import SqlStore
 
 # Each entry brings the schema from the version before it to the next; PRAGMA user_version says
@@ -129,17 +130,98 @@ MIGRATIONS = (
     CREATE TABLE health (writes INTEGER NOT NULL);  -- one row, written by each health check
     INSERT INTO health VALUES (0);
     """,
+    """
+    CREATE TABLE wakeups (  -- tasks that ended, for the waiters of the other processes on this file
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL,
+        source INTEGER NOT NULL,  -- the process that wrote it, which woke its own waiters at once
+        at REAL NOT NULL
+    );
+    CREATE TABLE counters (key TEXT PRIMARY KEY, hits INTEGER NOT NULL, expires_at REAL NOT NULL);  -- RATE_LIMIT
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000
+WAKE_LOOK_EVERY = 0.05  # seconds between two looks for the wake-ups of other processes (shared files only)
+WAKEUPS_KEPT = 60.0  # seconds a wake-up is kept for the processes that have not looked yet
 
 
 class SqliteStore(SqlStore):
-    """Conversations, the ledger, idempotency keys and followers in one SQLite file."""
+    """Conversations, the ledger, idempotency keys and followers in one SQLite file.
 
-    def __init__(self, path: str, history_ttl: float, max_users: int, clock: Callable[[], float] = time.time):
+    `shared`: several worker processes use the file (WEB_CONCURRENCY above 1). A task's end is then also written
+    to `wakeups`, and each process looks for those of the others whenever the file changed (PRAGMA data_version,
+    which reads no page), every WAKE_LOOK_EVERY seconds.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        history_ttl: float,
+        max_users: int,
+        clock: Callable[[], float] = time.time,
+        shared: bool = False,
+    ):
         self.path = path
+        self.shared = shared
         super().__init__(SqliteDatabase(path), history_ttl, max_users, clock)
+        self._watcher: threading.Thread | None = None
+        self._watcher_lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def listen(self, task_id: str):
+        self._start_watching()
+        return super().listen(task_id)
+
+    def notify(self, task_id: str) -> None:
+        super().notify(task_id)
+        if self.shared:
+            self.database.run(
+                "INSERT INTO wakeups (task_id, source, at) VALUES (?, ?, ?)", (task_id, os.getpid(), self.clock())
+            )
+
+    def on_notify(self, callback: Callable[[str], None]) -> None:
+        super().on_notify(callback)
+        self._start_watching()
+
+    def purge(self, now: float) -> list[Picture]:
+        dropped = super().purge(now)
+        self.database.run("DELETE FROM wakeups WHERE at < ?", (now - WAKEUPS_KEPT,))
+        return dropped
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._watcher:
+            self._watcher.join(timeout=5)
+        super().close()
+
+    def _start_watching(self) -> None:
+        with self._watcher_lock:
+            if self.shared and self._watcher is None:
+                self._watcher = threading.Thread(target=self._relay_wakes, name="sqlite-wakes", daemon=True)
+                self._watcher.start()
+
+    def _relay_wakes(self) -> None:
+        """Wake this process's waiters for the ends other processes wrote, for the life of the process."""
+        seen, version = None, None
+        while not self._closed.wait(WAKE_LOOK_EVERY):
+            try:
+                with self.database.reading() as db:
+                    if seen is None:
+                        seen = db.execute("SELECT coalesce(max(id), 0) AS last FROM wakeups").fetchone()["last"]
+                    now = db.execute("PRAGMA data_version").fetchone()["data_version"]
+                    if now == version:
+                        continue
+                    version = now
+                    rows = db.execute(
+                        "SELECT id, task_id FROM wakeups WHERE id > ? AND source != ? ORDER BY id",
+                        (seen, os.getpid()),
+                    ).fetchall()
+            except StoreUnavailable:
+                continue  # the followers' polls cover the gap
+            for row in rows:
+                seen = row["id"]
+                self._waiters.wake(row["task_id"])
 
 
 class SqliteDatabase:

@@ -69,9 +69,8 @@ def test_bad_value_names_the_variable(name, value):
     assert message.startswith(name) and "\n" not in message
 
 
-def test_several_workers_need_a_shared_store():
-    with pytest.raises(ConfigError, match="WEB_CONCURRENCY=2 needs DATABASE_URL"):
-        settings_from(WEB_CONCURRENCY="2")
+def test_several_workers_work_with_every_store():
+    assert settings_from(WEB_CONCURRENCY="2").store_name == "sqlite"
     settings = settings_from(WEB_CONCURRENCY="2", REDIS_URL="redis://localhost:6379/0")
     assert settings.web_concurrency == 2 and settings.redis_url == "redis://localhost:6379/0"
     assert settings_from(WEB_CONCURRENCY="2", DATABASE_URL="postgres://u:p@db.example:5432/d").web_concurrency == 2

@@ -150,7 +150,7 @@ def test_start_without_keys_is_demo_ready_but_not_configured(upstream, tmp_path)
     "environ, line",
     [
         ({"POLL_INTERVAL": "fast"}, "POLL_INTERVAL='fast' is not a number"),
-        ({"WEB_CONCURRENCY": "2"}, "WEB_CONCURRENCY=2 needs DATABASE_URL (PostgreSQL) or REDIS_URL"),
+        ({"DATABASE_URL": "mysql://user@db/banana"}, "DATABASE_URL must start with postgres://"),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_clear_line(tmp_path, environ, line):

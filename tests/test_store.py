@@ -522,3 +522,14 @@ def test_a_redis_that_refuses_writes_is_unavailable_not_broken(redis_store):
     finally:
         redis_store.redis.config_set("min-replicas-to-write", 0)
     assert redis_store.ping() is True
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
+def test_rate_limit_counters_count_within_their_window_then_start_afresh(kind, request, clock):
+    store = request.getfixturevalue(f"{kind}_store")
+    assert [store.count("user:alice", 60) for _ in range(3)] == [1, 2, 3]
+    assert store.counter("user:alice") == (3, clock.now + 60) and store.counter("user:bob") == (0, clock.now)
+    clock.now += 60
+    assert store.count("user:alice", 60, amount=2) == 2  # a new window
+    store.clear_counter("user:alice")
+    assert store.counter("user:alice")[0] == 0

@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 import limits
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter
-from limits.storage import MemoryStorage
+from limits.storage import MemoryStorage, Storage
 
 from config import Settings
 from domain.conversations import conversation_key
 from domain.params import parse_user_id
-from errors import InvalidRequest, Unauthorized
+from errors import InvalidRequest, StoreUnavailable, Unauthorized
+from stores.interface import Store
 from web.telemetry import GENERATE_ENDPOINT
 
 OPEN_ENDPOINTS = {  # CONTRACT §5: every other route needs a token when ACCESS_TOKENS is set
@@ -32,6 +33,39 @@ OPEN_ENDPOINTS = {  # CONTRACT §5: every other route needs a token when ACCESS_
 NOTHING_SPENT = ("not_configured", "store_unavailable", "internal_error")
 
 RequestValues = Callable[[], Mapping[str, Sequence[str]]]
+
+
+class StoreCounters(Storage):
+    """RATE_LIMIT's counters in the service's SQL store, so that every process on it counts together (fixed
+    windows, Flask-Limiter's default strategy)."""
+
+    STORAGE_SCHEME = ["nanobanana-store"]
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, store=None, **options):
+        super().__init__(uri, wrap_exceptions)
+        self.store = store
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return StoreUnavailable
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        return self.store.count(key, expiry, amount)
+
+    def get(self, key: str) -> int:
+        return self.store.counter(key)[0]
+
+    def get_expiry(self, key: str) -> float:
+        return self.store.counter(key)[1]
+
+    def check(self) -> bool:
+        return self.store.ping()
+
+    def reset(self) -> None:
+        return None  # counters expire by themselves; Flask-Limiter never resets them all here
+
+    def clear(self, key: str) -> None:
+        self.store.clear_counter(key)
 
 
 class SweptMemoryStorage(MemoryStorage):
@@ -61,7 +95,7 @@ class SweptMemoryStorage(MemoryStorage):
         self._MemoryStorage__expire_events()
 
 
-def init_access(app: Flask, settings: Settings, values: RequestValues, limiter_storage: dict) -> None:
+def init_access(app: Flask, settings: Settings, values: RequestValues, store: Store) -> None:
     """Tokens on every route but the open ones (checked first: strangers spend nobody's quota), then the limit."""
 
     def require_access_token() -> None:
@@ -74,7 +108,7 @@ def init_access(app: Flask, settings: Settings, values: RequestValues, limiter_s
         g.owner = hashlib.sha256(token.encode()).hexdigest()[:16]
 
     app.before_request(require_access_token)
-    init_rate_limit(app, settings, values, limiter_storage)
+    init_rate_limit(app, settings, values, store)
 
 
 def presented_token(values: RequestValues) -> str:
@@ -93,7 +127,17 @@ def matching_token(given: str, tokens: tuple[str, ...]) -> str | None:
     return found
 
 
-def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, storage: dict) -> None:
+def counters(settings: Settings, store: Store) -> tuple[str, dict]:
+    """Where RATE_LIMIT counts: in Redis when there is one (sharing the store's pool when Redis is the store);
+    else in the SQL store when several processes use it; else in this process's memory."""
+    if settings.redis_url:
+        return settings.redis_url, ({"connection_pool": store.pool} if settings.store_name == "redis" else {})
+    if settings.store_name == "postgres" or settings.web_concurrency > 1:
+        return "nanobanana-store://", {"store": store}
+    return "swept-memory://", {}
+
+
+def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, store: Store) -> None:
     """RATE_LIMIT on generation requests, per user (within its token), else per client address."""
 
     def rate_limit_key() -> str:
@@ -105,15 +149,16 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, stora
             return f"user:{conversation_key(g.get('owner', ''), user_id)}"
         return f"address:{request.remote_addr}"
 
+    storage_uri, storage_options = counters(settings, store)
     limiter = Limiter(
         key_func=rate_limit_key,
         app=app,
-        storage_uri=settings.redis_url or "swept-memory://",
-        storage_options=storage,
+        storage_uri=storage_uri,
+        storage_options=storage_options,
         headers_enabled=False,  # only the 429 says when to come back (Retry-After), see retry_after()
         key_prefix="nanobanana-limits",
         enabled=settings.rate_limit is not None,
-        # Redis away: count in memory meanwhile; the request itself then gets the store's clear 503.
+        # The counters' store away: count in memory meanwhile; the request itself gets the store's clear 503.
         in_memory_fallback_enabled=True,
         swallow_errors=True,
     )
