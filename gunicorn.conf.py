@@ -1,8 +1,9 @@
 """gunicorn settings for the Procfile and `make run`.
 
 WEB_CONCURRENCY gevent workers (every store serves several): a request that waits a minute for its
-picture holds a greenlet (a few KB), not a thread. Measured with `make bench` against threads (gthread), gevent used about half the CPU per
-request and kept the added delay under one poll interval at 1,000 requests in flight; see docs/benchmark.md.
+picture holds a greenlet (a few KB), not a thread. Measured with `make bench` against threads (gthread),
+gevent used about half the CPU per request and kept the added delay under one poll interval at 1,000
+requests in flight; see docs/benchmark.md.
 
 The worker timeout only watches the worker's heartbeat, so a request inside its wait is never
 killed for being slow, and a restart lets waiting requests finish (graceful_timeout).

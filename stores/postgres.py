@@ -3,8 +3,9 @@ instance shares, as PaaS add-ons offer it.
 
 psycopg 3 with its pool: psycopg notices gevent's monkey-patching and waits cooperatively (3.1.14 and later),
 and the pool's threads are greenlets then, so a worker's thousands of waiting requests share a few
-connections. Writes take turns on one transaction-level advisory lock, as SQLite's writers take turns on
-its file: each transaction reads what it will change with no other writer in between, in every instance.
+connections. Write transactions take turns on one transaction-level advisory lock, as SQLite's writers take
+turns on its file: each reads what it will change with no other writer in between, in every instance. A
+single statement goes at once: row locks keep it whole.
 Wake-ups cross processes with LISTEN/NOTIFY. The schema is versioned like SQLite's, migrated at start-up
 under another advisory lock, so instances starting at once do it once.
 """
@@ -198,7 +199,9 @@ class PostgresDatabase:
             yield _Translating(db)
 
     def run(self, sql: str, parameters: Any) -> int:
-        with self.transaction() as db:
+        # One statement needs no turn: PostgreSQL locks the rows it changes and checks its WHERE again on
+        # them, so a conditional update (a poll's claim, a submission's mark) is decided on what is there.
+        with self.reading() as db:
             return db.execute(sql, parameters).rowcount
 
     def one(self, sql: str, parameters: Any) -> dict | None:

@@ -51,10 +51,10 @@ class Database(Protocol):
         """A connection for reads."""
 
     def run(self, sql: str, parameters: Any) -> int:
-        """One writing statement, alone like a transaction; the number of rows it changed."""
+        """One writing statement, whole by itself (it needs no turn); the number of rows it changed."""
 
     def one(self, sql: str, parameters: Any) -> dict | None:
-        """One row read, or None."""
+        """The first row of one statement (a read, or a write that RETURNs), or None."""
 
     def close(self) -> None: ...
 
@@ -454,14 +454,13 @@ class SqlStore:
     def count(self, key: str, window: float, amount: int = 1) -> int:
         """Add `amount` to the counter, which starts afresh `window` seconds after its first count; its total."""
         now = self.clock()
-        with self.database.transaction() as db:
-            return db.execute(
-                "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                "hits = CASE WHEN counters.expires_at <= ? THEN excluded.hits ELSE counters.hits + excluded.hits END, "
-                "expires_at = CASE WHEN counters.expires_at <= ? THEN excluded.expires_at ELSE counters.expires_at END "
-                "RETURNING hits",
-                (key, amount, now + window, now, now),
-            ).fetchone()["hits"]
+        return self.database.one(  # one statement, whole by itself: it needs no turn among the writers
+            "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+            "hits = CASE WHEN counters.expires_at <= ? THEN excluded.hits ELSE counters.hits + excluded.hits END, "
+            "expires_at = CASE WHEN counters.expires_at <= ? THEN excluded.expires_at ELSE counters.expires_at END "
+            "RETURNING hits",
+            (key, amount, now + window, now, now),
+        )["hits"]
 
     def counter(self, key: str) -> tuple[int, float]:
         """The counter's total, and when it starts afresh (now, for a counter with no count)."""

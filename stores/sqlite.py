@@ -226,16 +226,18 @@ class SqliteStore(SqlStore):
 
 class SqliteDatabase:
     """One connection per process behind a lock; a write transaction begins IMMEDIATE, so it never has to be
-    retried."""
+    retried. While another process writes, it waits its turn in short sleeps that let this process's other
+    greenlets run: SQLite's own busy wait would hold the whole worker still."""
 
     def __init__(self, path: str):
         self._lock = threading.Lock()
         self._db = open_database(path)
+        self._db.execute("PRAGMA busy_timeout = 0")  # _patiently waits instead
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock, _unavailable_on_error():
-            self._db.execute("BEGIN IMMEDIATE")
+            _patiently(lambda: self._db.execute("BEGIN IMMEDIATE"))
             try:
                 yield self._db
             except BaseException:
@@ -250,15 +252,29 @@ class SqliteDatabase:
 
     def run(self, sql: str, parameters: Any) -> int:
         with self._lock, _unavailable_on_error():
-            return self._db.execute(sql, parameters).rowcount
+            return _patiently(lambda: self._db.execute(sql, parameters).rowcount)
 
     def one(self, sql: str, parameters: Any) -> dict | None:
         with self._lock, _unavailable_on_error():
-            return self._db.execute(sql, parameters).fetchone()
+            return _patiently(lambda: self._db.execute(sql, parameters).fetchone())
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _patiently(action: Callable[[], Any]) -> Any:
+    """`action()`, again after a short sleep while another process holds the write lock, for BUSY_TIMEOUT_MS."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.0005
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as error:
+            if "database is locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
 
 
 def open_database(path: str) -> sqlite3.Connection:

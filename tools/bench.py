@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import aiohttp
 import psutil
 import requests
 
-from tools.processes import ROOT, RedisServer, free_port, procfile_command
+from tools.processes import ROOT, PostgresServer, RedisServer, free_port, procfile_command
 
 BENCH_KEY = "bench-key"
 
@@ -58,21 +57,26 @@ class Figures:
 @dataclass(frozen=True)
 class Config:
     command: list[str]
-    env: dict[str, str] = field(default_factory=dict)  # "{service_url}" and "{redis_url}" are filled in
+    env: dict[str, str] = field(default_factory=dict)  # "{service_url}", "{redis_url}", "{postgres_url}" filled in
     emulator_args: tuple[str, ...] = ()  # the upstream's limits, when it has some
 
-    def environ(self, service_url: str, redis_url: str | None) -> dict[str, str]:
-        return {name: value.format(service_url=service_url, redis_url=redis_url) for name, value in self.env.items()}
+    def environ(self, **urls: str) -> dict[str, str]:
+        return {name: value.format(**urls) for name, value in self.env.items()}
 
-    @property
-    def needs_redis(self) -> bool:
-        return any("{redis_url}" in value for value in self.env.values())
+    def needs(self, server: str) -> bool:
+        return any(f"{{{server}_url}}" in value for value in self.env.values())
 
 
 CONFIGS = {
     "default": Config(procfile_command()),  # the SQLite store, in a file
     # Redis instead of SQLite: a local redis-server, started for the run
     "redis": Config(procfile_command(), {"REDIS_URL": "{redis_url}"}),
+    # PostgreSQL instead of SQLite: a local server, started for the run
+    "postgres": Config(procfile_command(), {"DATABASE_URL": "{postgres_url}"}),
+    # two workers on one SQLite file, with callbacks (one worker's callback wakes a request waiting in the other)
+    "sqlite-2": Config(
+        procfile_command(), {"WEB_CONCURRENCY": "2", "PUBLIC_BASE_URL": "{service_url}", "POLL_INTERVAL": "2"}
+    ),
     # the upstream calls back; polling is only the sparse fallback
     "callbacks": Config(procfile_command(), {"PUBLIC_BASE_URL": "{service_url}", "POLL_INTERVAL": "2"}),
     # gunicorn's plain defaults (one sync worker): an empty config keeps ./gunicorn.conf.py from being read.
@@ -83,7 +87,7 @@ CONFIGS = {
     # threads instead of gevent, for the choice of worker model (`--configs default,gthread`)
     "gthread": Config([*procfile_command()[:-1], "--worker-class", "gthread", "--threads", "1024", "app:create_app()"]),
 }
-DEFAULT_CONFIGS = "default,callbacks,redis,queue,sync-baseline"
+DEFAULT_CONFIGS = "default,callbacks,redis,postgres,sqlite-2,queue,sync-baseline"
 UNLIMITED = {"UPSTREAM_RATE": "off", "UPSTREAM_MAX_RUNNING": "off"}  # the emulator has no limits unless told
 
 
@@ -154,18 +158,26 @@ async def fire(url: str, count: int, timeout: float, spread: float = 0.0) -> lis
 
 
 def run_config(name: str, config: Config, args: argparse.Namespace, log_dir: Path) -> Figures:
-    if not config.needs_redis:
-        return run_service(name, config, args, log_dir, None)
-    if shutil.which("redis-server") is None:
-        raise SystemExit(f"the {name} configuration needs redis-server (Debian: apt-get install redis-server)")
-    redis_server = RedisServer().start()
+    """The configuration's run, with the store servers it needs started for it alone."""
+    urls, servers = {}, []
     try:
-        return run_service(name, config, args, log_dir, redis_server.url)
+        if config.needs("redis"):
+            servers.append(RedisServer().start())
+            urls["redis_url"] = servers[-1].url
+        if config.needs("postgres"):
+            servers.append(PostgresServer().start().create_database())
+            urls["postgres_url"] = servers[-1].url
+        return run_service(name, config, args, log_dir, urls)
+    except FileNotFoundError as missing:
+        raise SystemExit(f"the {name} configuration needs it: {missing}") from None
     finally:
-        redis_server.stop()
+        for server in servers:
+            server.stop()
+            if isinstance(server, PostgresServer):
+                server.remove()
 
 
-def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Path, redis_url: str | None) -> Figures:
+def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Path, urls: dict[str, str]) -> Figures:
     emulator_port, service_port = free_port(), free_port()
     emulator_url = f"http://127.0.0.1:{emulator_port}"
     emulator_command = [
@@ -189,7 +201,7 @@ def run_service(name: str, config: Config, args: argparse.Namespace, log_dir: Pa
         DATABASE_PATH=str(log_dir / f"{name}.sqlite3"),
         **UNLIMITED,
     )
-    env.update(config.environ(f"http://127.0.0.1:{service_port}", redis_url))
+    env.update(config.environ(service_url=f"http://127.0.0.1:{service_port}", **urls))
     with open(log_dir / f"{name}.log", "w") as log:
         emulator = subprocess.Popen(emulator_command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         service = subprocess.Popen(config.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -280,7 +292,7 @@ def print_table(all_figures: list[Figures], args: argparse.Namespace) -> None:
         if f.rate:
             print_queue_figures(f, args)
     by_name = {f.name: f for f in all_figures}
-    for name in ("default", "callbacks", "redis", "gthread"):
+    for name in ("default", "callbacks", "redis", "postgres", "sqlite-2", "gthread"):
         best, base = by_name.get(name), by_name.get("sync-baseline")
         if best and base and base.succeeded:
             ratio = (best.succeeded / best.wall) / (base.succeeded / base.wall)
