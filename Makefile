@@ -20,7 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tools.bench
-	$(PY) -m tools.bench --configs callbacks --requests 10000 --generation-time 12 --spread 10
+	$(PY) -m tools.bench --configs callbacks,sqlite-2 --requests 10000 --generation-time 12 --spread 10
 
 emulator: $(STAMP)
 	$(PY) -m tools.emulator --port 9000
