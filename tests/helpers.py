@@ -47,3 +47,14 @@ class Served:
 
     def get(self, path: str, **kwargs) -> requests.Response:
         return requests.get(self.url + path, timeout=30, **kwargs)
+
+
+def store_environ(store: str, request, tmp_path) -> dict[str, str]:
+    """The settings naming a fresh store of that kind (its real server started once per run)."""
+    if store == "redis":
+        return {"REDIS_URL": request.getfixturevalue("redis_server").url}
+    if store == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        server.reset()
+        return {"DATABASE_URL": server.url}
+    return {"DATABASE_PATH": str(tmp_path / "db.sqlite3")}

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from tests.helpers import served_environ
+from tests.helpers import served_environ, store_environ
 from tools.processes import Service, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -64,17 +64,6 @@ def start_twenty_generations(service: Service, upstream, run: str, pool: ThreadP
     # each task answers to the upstream's id only once its follower wrote it into the ledger
     wait_until(lambda: all(service.get(f"/nanobanana/tasks/{t.task_id}").status_code == 202 for t in tasks))
     return {task.params["prompt"].rsplit(" ", 1)[1]: task.image_urls[0] for task in tasks}
-
-
-def store_environ(store: str, request, tmp_path) -> dict[str, str]:
-    """The settings naming a fresh store of that kind (its real server started once per run)."""
-    if store == "redis":
-        return {"REDIS_URL": request.getfixturevalue("redis_server").url}
-    if store == "postgres":
-        server = request.getfixturevalue("postgres_server")
-        server.reset()
-        return {"DATABASE_URL": server.url}
-    return {"DATABASE_PATH": str(tmp_path / "db.sqlite3")}
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis", "postgres"])

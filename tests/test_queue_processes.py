@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.helpers import emulated_upstream, served_environ
+from tests.helpers import emulated_upstream, served_environ, store_environ
 from tools.processes import Service, wait_until
 
 pytestmark = pytest.mark.slow
@@ -95,8 +95,11 @@ def test_without_pacing_the_upstreams_refusals_are_waited_out(limited, tmp_path)
     assert len(prompts_in_order(limited, run)) == 20  # each made once
 
 
-def test_two_instances_with_two_workers_each_share_one_pacing(limited, redis_server, tmp_path):
-    environ = served_environ(limited, UPSTREAM_RATE=LIMIT, REDIS_URL=redis_server.url, WEB_CONCURRENCY="2")
+@pytest.mark.parametrize("store", ["redis", "postgres", "sqlite"])  # SQLite: four processes on one file
+def test_two_instances_with_two_workers_each_share_one_pacing(limited, tmp_path, store, request):
+    environ = served_environ(
+        limited, UPSTREAM_RATE=LIMIT, WEB_CONCURRENCY="2", **store_environ(store, request, tmp_path)
+    )
     instances = [Service(environ, tmp_path / f"instance-{n}.log") for n in (1, 2)]
     run = uuid.uuid4().hex[:6]
     try:
