@@ -151,6 +151,8 @@ class PostgresStore(SqlStore):
         super().close()
 
     def _start_relay(self) -> None:
+        if self._relay is not None:  # every waiting request asks: no lock once it runs
+            return
         with self._relay_lock:
             if self._relay is None:
                 self._relay = threading.Thread(target=self._relay_wakes, name="postgres-wakes", daemon=True)

@@ -196,8 +196,10 @@ class SqliteStore(SqlStore):
         super().close()
 
     def _start_watching(self) -> None:
+        if not self.shared or self._watcher is not None:  # every waiting request asks: no lock once it runs
+            return
         with self._watcher_lock:
-            if self.shared and self._watcher is None:
+            if self._watcher is None:
                 self._watcher = threading.Thread(target=self._relay_wakes, name="sqlite-wakes", daemon=True)
                 self._watcher.start()
 
