@@ -17,26 +17,23 @@ import logging
 import threading
 import unicodedata
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import requests
 
 from background import Background
+from channels.chat import ChatFront
 from config import Settings
-from domain.answers import ordinal
-from domain.conversations import Conversations, channel_owner, conversation_key
+from domain.conversations import Conversations
 from domain.lifecycle import Lifecycle
 from domain.media import Media
 from domain.netguard import BodyRefused, plain_session, read_bounded
-from domain.params import parse_generation
-from errors import InvalidRequest, ServiceError, StoreUnavailable, Unauthorized
+from errors import InvalidRequest, Unauthorized
 from stores.interface import Seen
 from stores.records import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
 
-OWNER = channel_owner("telegram")  # the owner of the bot's conversations and tasks
 SCHEME = "telegram"  # a bot task's deliver_to is telegram:<chat_id>:<message_id>
 API_TIMEOUT = (5.0, 15.0)
 UPDATES_REMEMBERED = 24 * 3600.0  # Telegram repeats an update it thinks was not received, for a day at most
@@ -58,9 +55,6 @@ NEEDS_MEDIA = (
 )
 NEEDS_CAPTION = "Please send the photo again with a caption that says how to change it."
 PHOTO_NOT_FETCHED = "I could not fetch that photo from Telegram. Please send it again."
-LIMITED = "That is a lot of pictures in a short time. Please wait a minute, then try again."
-IN_LINE_AFTER = 2.0  # seconds after which a picture still waiting for its turn is said to be in line
-IN_LINE = "Many pictures are being made right now: yours is {place} in line. I will send it here when it is ready."
 
 
 class NotFromTelegram(Unauthorized):
@@ -122,11 +116,9 @@ class TelegramBot:
     ):
         """`allowed(key)` spends one request of RATE_LIMIT for that key, False when none is left."""
         self.settings = settings
-        self.lifecycle = lifecycle
-        self.conversations = conversations
+        self.front = ChatFront("telegram", settings, lifecycle, conversations, allowed)
         self.seen = seen
         self.api = api
-        self.allowed = allowed
         self.background = background
         self.media = media
 
@@ -189,8 +181,7 @@ class TelegramBot:
         command = command_of(text)
         photo = message.get("photo")
         if command == "/new":
-            self.conversations.forget(self._conversation(chat_id))
-            self._say(chat_id, message_id, "Starting over: your next message makes a new picture.")
+            self._say(chat_id, message_id, self.front.start_over(chat_user(chat_id)))
         elif command == "/undo":
             self._undo(chat_id, message_id)
         elif command is not None:  # /start, /help, and any command the bot does not know: never a paid picture
@@ -201,16 +192,11 @@ class TelegramBot:
             self._generate(chat_id, message_id, text)
 
     def _undo(self, chat_id: int, message_id: int) -> None:
-        conversation = self._conversation(chat_id)
-        if self.conversations.undo(conversation) is None:
-            self._say(chat_id, message_id, "There is nothing to undo yet.")
-            return
-        back = self.conversations.last(conversation)
+        back, words = self.front.undo(chat_user(chat_id))
         if back is None:
-            self._say(chat_id, message_id, "Went back to the start: your next message makes a new picture.")
+            self._say(chat_id, message_id, words)
             return
-        caption = f"Back to this one ({back.prompt or 'your picture'}). Your next message edits it."
-        self.api.call("sendPhoto", chat_id=chat_id, photo=back.image_url, caption=caption[:CAPTION_LIMIT])
+        self.api.call("sendPhoto", chat_id=chat_id, photo=back.image_url, caption=words[:CAPTION_LIMIT])
 
     def _edit_photo(self, chat_id: int, message_id: int, sizes: list, caption: str) -> None:
         media = self.media
@@ -238,32 +224,17 @@ class TelegramBot:
         self._generate(chat_id, message_id, caption, image_url=copy)
 
     def _generate(self, chat_id: int, message_id: int, prompt: str, image_url: str | None = None) -> None:
-        """Make or edit the chat's picture; `deliver` sends it (or why not) when the task ends."""
-        user_id = chat_user(chat_id)
-        if self.settings.rate_limit and not self.allowed(user_id):
-            self._say(chat_id, message_id, LIMITED)
-            return
-        values = {"prompt": [prompt], "user_id": [user_id], **({"image_url": [image_url]} if image_url else {})}
-        try:
-            wanted = parse_generation(values, self.settings.polling_window)
-        except InvalidRequest as wrong:
-            self._say(chat_id, message_id, wrong.message)
-            return
+        """Make or edit the chat's picture, "sending a photo" showing meanwhile; `deliver` sends it (or why not)."""
+        values = {"prompt": [prompt], **({"image_url": [image_url]} if image_url else {})}
         showing = threading.Event()
         self.background.spawn(self._show_progress, chat_id, showing)
         try:
-            glance = replace(wanted, wait=min(wanted.wait, IN_LINE_AFTER))
-            record = self.lifecycle.generate(glance, OWNER, deliver_to=f"{SCHEME}:{chat_id}:{message_id}")
-            position = self.lifecycle.queue_position(record)
-            if position:
-                self._say(chat_id, message_id, IN_LINE.format(place=ordinal(position)))
-            self.lifecycle.wait(record, wanted.wait - glance.wait)  # "sending a photo" shows meanwhile
-        except StoreUnavailable:
-            self._say(chat_id, message_id, "I cannot make pictures right now. Please try again in a minute.")
-        except ServiceError as refused:  # refused before it was recorded (no key usable, the queue full)
-            self._say(chat_id, message_id, refused.message)
-        except Exception as failure:  # refused after it was recorded: deliver() tells the chat why
-            log.info("chat %d: the generation ended early (%s)", chat_id, type(failure).__name__)
+            self.front.generate(
+                chat_user(chat_id),
+                values,
+                deliver_to=f"{SCHEME}:{chat_id}:{message_id}",
+                say=lambda text: self._say(chat_id, message_id, text),
+            )
         finally:
             showing.set()
 
@@ -303,10 +274,6 @@ class TelegramBot:
 
     def _say(self, chat_id: int, message_id: int, text: str) -> None:
         self.api.call("sendMessage", chat_id=chat_id, text=text, reply_parameters=reply_to(message_id))
-
-    @staticmethod
-    def _conversation(chat_id: int) -> str:
-        return conversation_key(OWNER, chat_user(chat_id))
 
 
 def message_text(message: dict) -> str:

@@ -14,7 +14,8 @@ import requests
 from flask import Flask, Response, request
 
 import channels.telegram
-from channels.telegram import CAPTION_LIMIT, HELP, IN_LINE, LIMITED, NEEDS_MEDIA, PHOTO_NOT_FETCHED
+from channels.chat import IN_LINE, LIMITED
+from channels.telegram import CAPTION_LIMIT, HELP, NEEDS_MEDIA, PHOTO_NOT_FETCHED
 from tests.helpers import served_environ
 from tools.processes import Service, free_port, serving, wait_until
 
