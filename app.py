@@ -14,6 +14,8 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from background import Background
+from channels.discord import SCHEME as DISCORD
+from channels.discord import DiscordApi, DiscordBot
 from channels.telegram import SCHEME as TELEGRAM
 from channels.telegram import BotApi, TelegramBot
 from config import MAX_BODY_BYTES, Settings, load_settings
@@ -47,7 +49,7 @@ def create_app(
     bot_session: requests.Session | None = None,
 ) -> Flask:
     """Build the app. `session` reaches the upstream; the other sessions reach callers' webhooks, pictures to
-    copy and the Telegram Bot API. Background work starts with start_background(app)."""
+    copy and the chat platforms' APIs. Background work starts with start_background(app)."""
     settings = settings or load_settings()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -74,6 +76,14 @@ def create_app(
             parts.media,
         )
         parts.deliveries.add_channel(TELEGRAM, parts.telegram)
+    if settings.discord_public_key:
+        api = DiscordApi(
+            settings.discord_api_base, settings.discord_application_id, settings.discord_bot_token, bot_session
+        )
+        parts.discord = DiscordBot(
+            settings, parts.lifecycle, parts.conversations, api, limit_spender(app, settings), parts.background
+        )
+        parts.deliveries.add_channel(DISCORD, parts.discord)
     app.register_error_handler(Exception, handle_error)
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")

@@ -89,6 +89,10 @@ class Settings:
     telegram_bot_token: str | None = field(default=None, repr=False)  # turns the Telegram bot on
     telegram_webhook_secret: str | None = field(default=None, repr=False)
     telegram_api_base: str = "https://api.telegram.org"
+    discord_application_id: str | None = None  # with discord_public_key, turns the Discord bot on
+    discord_public_key: str | None = None  # hex; checks each interaction's Ed25519 signature
+    discord_bot_token: str | None = field(default=None, repr=False)  # lets start-up register the /banana command
+    discord_api_base: str = "https://discord.com/api/v10"
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
@@ -185,6 +189,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         media_dir=_text(env, "MEDIA_DIR", DEFAULTS.media_dir),
         s3_endpoint_url=_url(env, "S3_ENDPOINT_URL", None),
         **_telegram(env),
+        **_discord(env),
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,
@@ -273,6 +278,23 @@ def _telegram(env: Mapping[str, str]) -> dict:
         raise ConfigError("TELEGRAM_WEBHOOK_SECRET must be 1 to 256 letters, digits, _ or -")
     base = _url(env, "TELEGRAM_API_BASE", DEFAULTS.telegram_api_base)
     return {"telegram_bot_token": token, "telegram_webhook_secret": secret, "telegram_api_base": base}
+
+
+def _discord(env: Mapping[str, str]) -> dict:
+    application = env.get("DISCORD_APPLICATION_ID", "").strip() or None
+    public_key = env.get("DISCORD_PUBLIC_KEY", "").strip().lower() or None
+    if application and not re.fullmatch(r"\d{5,25}", application):
+        raise ConfigError("DISCORD_APPLICATION_ID must be the application's number, from the Discord developer portal")
+    if public_key and not re.fullmatch(r"[0-9a-f]{64}", public_key):
+        raise ConfigError("DISCORD_PUBLIC_KEY must be the 64 hexadecimal characters of the portal's 'Public Key'")
+    if bool(application) != bool(public_key):
+        raise ConfigError("DISCORD_APPLICATION_ID and DISCORD_PUBLIC_KEY turn the Discord bot on together: set both")
+    return {
+        "discord_application_id": application,
+        "discord_public_key": public_key,
+        "discord_bot_token": env.get("DISCORD_BOT_TOKEN", "").strip() or None,
+        "discord_api_base": _url(env, "DISCORD_API_BASE", DEFAULTS.discord_api_base),
+    }
 
 
 def _media_store(env: Mapping[str, str]) -> str | None:

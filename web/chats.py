@@ -1,4 +1,4 @@
-"""Where chat platforms post: POST /telegram/webhook (Discord and Slack next). The platform's own rules
+"""Where chat platforms post: POST /telegram/webhook, POST /discord/interactions (Slack next). The platform's own rules
 (its secret, its update format) are its channel's (channels/); this is only the HTTP side."""
 
 from __future__ import annotations
@@ -25,3 +25,14 @@ def telegram_webhook():
         update = None  # take_update says what an update needs
     bot.take_update(update)
     return {"ok": True}
+
+
+@bp.post("/discord/interactions", endpoint="discord")
+def discord_interactions():
+    """Discord's interactions, signed: answered at once (a picture deferred, made in the background)."""
+    bot = parts().discord
+    if bot is None:
+        raise NotFound("This service runs no Discord bot.")
+    body = request.get_data()
+    bot.verify(request.headers.get("X-Signature-Ed25519", ""), request.headers.get("X-Signature-Timestamp", ""), body)
+    return bot.take_interaction(parse_json(body))

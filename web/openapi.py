@@ -459,6 +459,36 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 },
             }
         },
+        "/discord/interactions": {
+            "post": {
+                "summary": "For Discord: an interaction, signed (with DISCORD_APPLICATION_ID and DISCORD_PUBLIC_KEY)",
+                "operationId": "discordInteractions",
+                "parameters": [
+                    {"name": "X-Signature-Ed25519", "in": "header", "required": True, "schema": STRING},
+                    {"name": "X-Signature-Timestamp", "in": "header", "required": True, "schema": STRING},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "required": ["type"],
+                                "properties": {"type": {"type": "integer"}},
+                            }
+                        }
+                    },
+                },
+                "security": [],
+                "responses": {
+                    "200": json_response(
+                        "Discord's answer: a pong, a deferred answer, or a message",
+                        {"type": "object", "properties": {"type": {"type": "integer"}}, "required": ["type"]},
+                    ),
+                    **{code: COMMON_ERRORS[code] for code in ("400", "401", "404", "413")},
+                },
+            }
+        },
         "/media/{name}": {
             "get": {
                 "summary": "A lasting copy of a picture (MEDIA_STORE=local)",

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from flask import current_app
 
 from background import Background
+from channels.discord import DiscordBot
 from channels.telegram import TelegramBot
 from config import Settings
 from domain.conversations import Conversations
@@ -34,6 +35,7 @@ class Parts:
     metrics: Metrics
     media: Media | None = None
     telegram: TelegramBot | None = None
+    discord: DiscordBot | None = None
     owns_store: bool = True  # False when a test handed the store in: it closes it itself
     stopped: bool = field(default=False, init=False)
 
@@ -41,8 +43,9 @@ class Parts:
         """Follow tasks, take over orphaned ones, deliver ended ones, set the bot's webhook: in each worker."""
         self.lifecycle.start()
         self.deliveries.start()
-        if self.telegram is not None:
-            self.telegram.start()
+        for bot in (self.telegram, self.discord):
+            if bot is not None:
+                bot.start()
 
     def stop(self) -> None:
         """Stop all background work (bounded), hand pending tasks over at once, and let go of the store. Once."""
