@@ -108,3 +108,14 @@ def test_access_tokens_and_rate_limit():
     assert "alpha" not in repr(settings)
     assert settings_from().rate_limit == "20/minute"
     assert settings_from(RATE_LIMIT="off").rate_limit is None
+
+
+def test_the_discord_bot_needs_its_application_and_its_public_key():
+    key = "ab" * 32
+    settings = settings_from(DISCORD_APPLICATION_ID="112233445566778899", DISCORD_PUBLIC_KEY=key.upper())
+    assert (settings.discord_public_key, settings.discord_bot_token) == (key, None)
+    with pytest.raises(ConfigError, match="set both"):
+        settings_from(DISCORD_PUBLIC_KEY=key)
+    with pytest.raises(ConfigError, match="DISCORD_PUBLIC_KEY must be"):
+        settings_from(DISCORD_APPLICATION_ID="112233445566778899", DISCORD_PUBLIC_KEY="not-a-key")
+    assert "secret-bot" not in repr(settings_from(DISCORD_BOT_TOKEN="secret-bot"))
