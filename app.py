@@ -16,6 +16,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from background import Background
 from channels.discord import SCHEME as DISCORD
 from channels.discord import DiscordApi, DiscordBot
+from channels.slack import SCHEME as SLACK
+from channels.slack import SlackCommands
 from channels.telegram import SCHEME as TELEGRAM
 from channels.telegram import BotApi, TelegramBot
 from config import MAX_BODY_BYTES, Settings, load_settings
@@ -81,9 +83,26 @@ def create_app(
             settings.discord_api_base, settings.discord_application_id, settings.discord_bot_token, bot_session
         )
         parts.discord = DiscordBot(
-            settings, parts.lifecycle, parts.conversations, api, limit_spender(app, settings), parts.background
+            settings,
+            parts.lifecycle,
+            parts.conversations,
+            parts.store,
+            api,
+            limit_spender(app, settings),
+            parts.background,
         )
         parts.deliveries.add_channel(DISCORD, parts.discord)
+    if settings.slack_signing_secret:
+        parts.slack = SlackCommands(
+            settings,
+            parts.lifecycle,
+            parts.conversations,
+            parts.store,
+            limit_spender(app, settings),
+            parts.background,
+            bot_session,
+        )
+        parts.deliveries.add_channel(SLACK, parts.slack)
     app.register_error_handler(Exception, handle_error)
     if not settings.configured:
         log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")

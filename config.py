@@ -93,6 +93,7 @@ class Settings:
     discord_public_key: str | None = None  # hex; checks each interaction's Ed25519 signature
     discord_bot_token: str | None = field(default=None, repr=False)  # lets start-up register the /banana command
     discord_api_base: str = "https://discord.com/api/v10"
+    slack_signing_secret: str | None = field(default=None, repr=False)  # turns the Slack command on
     access_tokens: tuple[str, ...] = field(default=(), repr=False)
     rate_limit: str | None = "20/minute"  # None: off
     metrics_dir: str | None = None  # PROMETHEUS_MULTIPROC_DIR: metrics of several workers, summed
@@ -190,6 +191,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         s3_endpoint_url=_url(env, "S3_ENDPOINT_URL", None),
         **_telegram(env),
         **_discord(env),
+        slack_signing_secret=env.get("SLACK_SIGNING_SECRET", "").strip() or None,
         access_tokens=tuple(t.strip() for t in env.get("ACCESS_TOKENS", "").split(",") if t.strip()),
         rate_limit=_rate_limit(env),
         metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None,

@@ -3,7 +3,8 @@
 Discord gives an interaction 3 seconds, so /banana is answered "deferred" at once and the picture edits that
 answer when it is ready, through the ledger's deliveries (deliver_to is discord:<interaction token>), so a
 restart mid-generation still delivers it while the token lives (15 minutes). Every interaction is checked
-first: its Ed25519 signature over the timestamp and the body, with the application's public key.
+first: its Ed25519 signature over the timestamp and the body, with the application's public key, its age,
+and that it was not seen before.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from domain.lifecycle import Lifecycle
 from domain.netguard import plain_session
 from domain.params import MODEL_TABLE, MODELS
 from errors import InvalidRequest, Unauthorized
+from stores.interface import Seen
 from stores.records import TaskRecord, TaskState
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,7 @@ class DiscordBot:
         settings: Settings,
         lifecycle: Lifecycle,
         conversations: Conversations,
+        seen: Seen,
         api: DiscordApi,
         allowed: Callable[[str], bool],
         background: Background,
@@ -123,6 +126,7 @@ class DiscordBot:
     ):
         self.settings = settings
         self.front = ChatFront("discord", settings, lifecycle, conversations, allowed)
+        self.seen = seen
         self.api = api
         self.background = background
         self.clock = clock
@@ -165,6 +169,8 @@ class DiscordBot:
         kind, data = interaction.get("type"), interaction.get("data")
         if kind == PING:
             return {"type": PONG}
+        if not self.seen.first_time(f"discord-interaction:{interaction.get('id')}", 2 * SIGNATURE_MAX_AGE):
+            raise NotFromDiscord()  # the same signed interaction again: a replay
         user_id = person(interaction)
         if user_id is None or not isinstance(data, dict):
             raise InvalidRequest("A Discord interaction names who sent it and what they asked.")

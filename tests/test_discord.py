@@ -93,6 +93,7 @@ def banana(user: str, prompt: str, token: str, **options) -> dict:
     given += [{"name": name, "type": 3, "value": value} for name, value in options.items()]
     return {
         "type": 2,
+        "id": f"id-of-{token}",
         "token": token,
         "member": {"user": {"id": user}},
         "data": {"name": "banana", "options": given},
@@ -100,7 +101,8 @@ def banana(user: str, prompt: str, token: str, **options) -> dict:
 
 
 def press(user: str, button: str) -> dict:
-    return {"type": 3, "token": next(tokens), "user": {"id": user}, "data": {"custom_id": button}}
+    token = next(tokens)
+    return {"type": 3, "id": f"id-of-{token}", "token": token, "user": {"id": user}, "data": {"custom_id": button}}
 
 
 def test_unsigned_wrongly_signed_or_old_interactions_are_401_and_do_nothing(service, served_upstream):
@@ -115,6 +117,15 @@ def test_unsigned_wrongly_signed_or_old_interactions_are_401_and_do_nothing(serv
     assert [answer.status_code for answer in answers] == [401, 401, 401]
     assert all(answer.json()["error"]["code"] == "unauthorized" for answer in answers)
     assert not [t for t in served_upstream.tasks.values() if "unsigned cat" in t.params["prompt"]]
+
+
+def test_the_same_signed_interaction_again_is_401_and_makes_nothing_more(service, discord_api, served_upstream):
+    token, timestamp = next(tokens), str(int(time.time()))
+    wish = banana(next(users), "a replayed owl", token)
+    first, replayed = (post(service, wish, timestamp=timestamp) for _ in range(2))
+    assert (first.status_code, replayed.status_code) == (200, 401)
+    discord_api.answers(token)
+    assert len([t for t in served_upstream.tasks.values() if "a replayed owl" in t.params["prompt"]]) == 1
 
 
 def test_a_ping_is_answered_with_a_pong(service):

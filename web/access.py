@@ -28,6 +28,7 @@ OPEN_ENDPOINTS = {  # CONTRACT §5: every other route needs a token when ACCESS_
     "ops.media",
     "chats.telegram",  # its own secret guards it
     "chats.discord",  # its signature guards it
+    "chats.slack",  # its signature guards it
     "static",
 }
 # Answers that spent nothing upstream, though they are 5xx: they do not count against RATE_LIMIT.

@@ -1,5 +1,6 @@
-"""Where chat platforms post: POST /telegram/webhook, POST /discord/interactions (Slack next). The platform's own rules
-(its secret, its update format) are its channel's (channels/); this is only the HTTP side."""
+"""Where chat platforms post: POST /telegram/webhook, POST /discord/interactions, POST /slack/commands.
+The platform's own rules (its secret or signature, its message format) are its channel's (channels/); this
+is only the HTTP side."""
 
 from __future__ import annotations
 
@@ -36,3 +37,16 @@ def discord_interactions():
     body = request.get_data()
     bot.verify(request.headers.get("X-Signature-Ed25519", ""), request.headers.get("X-Signature-Timestamp", ""), body)
     return bot.take_interaction(parse_json(body))
+
+
+@bp.post("/slack/commands", endpoint="slack")
+def slack_commands():
+    """Slack's slash commands, signed: answered at once (seen by the person), the picture posted later."""
+    commands = parts().slack
+    if commands is None:
+        raise NotFound("This service runs no Slack command.")
+    body = request.get_data()
+    commands.verify(
+        request.headers.get("X-Slack-Signature", ""), request.headers.get("X-Slack-Request-Timestamp", ""), body
+    )
+    return commands.take_command(body)

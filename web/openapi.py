@@ -489,6 +489,36 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 },
             }
         },
+        "/slack/commands": {
+            "post": {
+                "summary": "For Slack: a slash command, signed (with SLACK_SIGNING_SECRET)",
+                "operationId": "slackCommands",
+                "parameters": [
+                    {"name": "X-Slack-Signature", "in": "header", "required": True, "schema": STRING},
+                    {"name": "X-Slack-Request-Timestamp", "in": "header", "required": True, "schema": STRING},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["team_id", "user_id", "text", "response_url"],
+                                "properties": {name: STRING for name in ("team_id", "user_id", "text", "response_url")},
+                            }
+                        }
+                    },
+                },
+                "security": [],
+                "responses": {
+                    "200": json_response(
+                        "Slack's answer: a note for the person, or a picture for the channel",
+                        {"type": "object", "properties": {"response_type": STRING, "text": STRING}},
+                    ),
+                    **{code: COMMON_ERRORS[code] for code in ("400", "401", "404", "413")},
+                },
+            }
+        },
         "/media/{name}": {
             "get": {
                 "summary": "A lasting copy of a picture (MEDIA_STORE=local)",

@@ -12,6 +12,7 @@ from flask import current_app
 
 from background import Background
 from channels.discord import DiscordBot
+from channels.slack import SlackCommands
 from channels.telegram import TelegramBot
 from config import Settings
 from domain.conversations import Conversations
@@ -36,6 +37,7 @@ class Parts:
     media: Media | None = None
     telegram: TelegramBot | None = None
     discord: DiscordBot | None = None
+    slack: SlackCommands | None = None
     owns_store: bool = True  # False when a test handed the store in: it closes it itself
     stopped: bool = field(default=False, init=False)
 
@@ -43,7 +45,7 @@ class Parts:
         """Follow tasks, take over orphaned ones, deliver ended ones, set the bot's webhook: in each worker."""
         self.lifecycle.start()
         self.deliveries.start()
-        for bot in (self.telegram, self.discord):
+        for bot in (self.telegram, self.discord, self.slack):
             if bot is not None:
                 bot.start()
 
