@@ -8,14 +8,16 @@ import itertools
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import requests
 from flask import Flask, request
 from nacl.signing import SigningKey
 
-from channels.chat import LIMITED, STARTING_OVER
-from channels.discord import COMMAND_DEFINITION, START_OVER, UNDO
+from channels.chat import IN_LINE, LIMITED, STARTING_OVER
+from channels.discord import COMMAND_DEFINITION, START_OVER, TOKEN_LIFETIME, UNDO
+from domain.deliveries import Undeliverable
 from tests.helpers import served_environ
 from tools.processes import Service, free_port, serving, wait_until
 
@@ -174,6 +176,41 @@ def test_failures_and_the_rate_limit_are_said_in_the_answer(serve_app, discord_a
     wrong = next(tokens)
     post(strict, banana(next(users), "a cat", wrong, aspect_ratio="7:3"))
     assert "aspect_ratio" in discord_api.answers(wrong)[0]["content"]
+
+
+def test_an_attached_picture_is_the_one_edited(service, discord_api, served_upstream):
+    token = next(tokens)
+    wish = banana(next(users), "give it a hat", token)
+    attached = "https://cdn.discordapp.com/attachments/1/2/dog.png"
+    wish["data"]["options"].append({"name": "image", "type": 11, "value": "777"})
+    wish["data"]["resolved"] = {"attachments": {"777": {"id": "777", "url": attached, "content_type": "image/png"}}}
+    post(service, wish)
+    discord_api.answers(token)
+    assert task_with(served_upstream, "give it a hat").params["imageUrls"] == [attached]
+
+
+def test_a_picture_waiting_its_turn_says_where_it_is_in_line_then_comes(serve_app, discord_api):
+    paced = serve_app(upstream_rate=(1, 4.0), **discord_settings(discord_api))
+    first, waiting = next(tokens), next(tokens)
+    post(paced, banana(next(users), "the first picture", first))
+    discord_api.answers(first)
+    post(paced, banana(next(users), "a picture that waits its turn", waiting))
+    in_line, picture = discord_api.answers(waiting, 2)
+    assert in_line == {"content": IN_LINE.format(place="1st")}
+    assert picture["embeds"][0]["description"] == "a picture that waits its turn"
+
+
+def test_an_interaction_past_its_fifteen_minutes_is_given_up_and_said_in_the_log(
+    service, discord_api, served_upstream, caplog
+):
+    token = next(tokens)
+    post(service, banana(next(users), "a picture for later", token))
+    discord_api.answers(token)
+    parts = service.app.extensions["nanobanana"]
+    ended = parts.store.task(task_with(served_upstream, "a picture for later").task_id)  # by the upstream's id
+    with pytest.raises(Undeliverable):
+        parts.discord.deliver(replace(ended, created_at=time.time() - TOKEN_LIFETIME - 1))
+    assert "interaction expired" in caplog.text and len(discord_api.edits[token]) == 1
 
 
 def test_start_up_registers_the_command_with_the_bot_token(service, discord_api):

@@ -9,6 +9,7 @@ import hmac
 import itertools
 import threading
 import time
+from dataclasses import replace
 from urllib.parse import urlencode
 
 import pytest
@@ -16,7 +17,8 @@ import requests
 from flask import Flask, request
 
 from channels.chat import LIMITED, STARTING_OVER
-from channels.slack import HELP
+from channels.slack import HELP, RESPONSE_URL_LIFETIME
+from domain.deliveries import Undeliverable
 from tests.helpers import served_environ
 from tools.processes import Service, free_port, serving, wait_until
 
@@ -144,6 +146,19 @@ def test_a_response_url_inside_is_refused_without_permission(serve_app, response
     answer = command(guarded, next(users), "a sneaky cat", response_urls.new())
     assert answer.status_code == 400 and "response_url" in answer.json()["error"]["message"]
     assert not task_with(served_upstream, "a sneaky cat")
+
+
+def test_a_response_url_past_its_thirty_minutes_is_given_up_and_said_in_the_log(
+    service, response_urls, served_upstream, caplog
+):
+    url = response_urls.new()
+    command(service, next(users), "a picture for later", url)
+    response_urls.received(url)
+    parts = service.app.extensions["nanobanana"]
+    ended = parts.store.task(task_with(served_upstream, "a picture for later").task_id)  # by the upstream's id
+    with pytest.raises(Undeliverable):
+        parts.slack.deliver(replace(ended, created_at=time.time() - RESPONSE_URL_LIFETIME - 1))
+    assert "response_url expired" in caplog.text and len(response_urls.received(url)) == 1
 
 
 @pytest.mark.slow
