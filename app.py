@@ -14,6 +14,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from background import Background
+from channels.chat import ChatFront
 from channels.discord import SCHEME as DISCORD
 from channels.discord import DiscordApi, DiscordBot
 from channels.slack import SCHEME as SLACK
@@ -65,48 +66,33 @@ def create_app(
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     init_access(app, settings, request_values, parts.store)
+    add_chat_fronts(app, parts, bot_session)
+    app.register_error_handler(Exception, handle_error)
+    if not settings.configured:
+        log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
+    return app
+
+
+def add_chat_fronts(app: Flask, parts: Parts, bot_session: requests.Session | None) -> None:
+    """The chat platforms whose settings are given, each a channel of the deliveries."""
+    settings = parts.settings
+
+    def front(platform: str) -> ChatFront:
+        return ChatFront(platform, settings, parts.lifecycle, parts.conversations, limit_spender(app, settings))
+
     if settings.telegram_bot_token:
         api = BotApi(settings.telegram_api_base, settings.telegram_bot_token, bot_session)
-        parts.telegram = TelegramBot(
-            settings,
-            parts.lifecycle,
-            parts.conversations,
-            parts.store,
-            api,
-            limit_spender(app, settings),
-            parts.background,
-            parts.media,
-        )
+        parts.telegram = TelegramBot(settings, front("telegram"), parts.store, api, parts.background, parts.media)
         parts.deliveries.add_channel(TELEGRAM, parts.telegram)
     if settings.discord_public_key:
         api = DiscordApi(
             settings.discord_api_base, settings.discord_application_id, settings.discord_bot_token, bot_session
         )
-        parts.discord = DiscordBot(
-            settings,
-            parts.lifecycle,
-            parts.conversations,
-            parts.store,
-            api,
-            limit_spender(app, settings),
-            parts.background,
-        )
+        parts.discord = DiscordBot(settings, front("discord"), parts.store, api, parts.background)
         parts.deliveries.add_channel(DISCORD, parts.discord)
     if settings.slack_signing_secret:
-        parts.slack = SlackCommands(
-            settings,
-            parts.lifecycle,
-            parts.conversations,
-            parts.store,
-            limit_spender(app, settings),
-            parts.background,
-            bot_session,
-        )
+        parts.slack = SlackCommands(settings, front("slack"), parts.store, parts.background, bot_session)
         parts.deliveries.add_channel(SLACK, parts.slack)
-    app.register_error_handler(Exception, handle_error)
-    if not settings.configured:
-        log.warning("No API key is configured (API_KEYS_1, ...): generation requests will answer 503.")
-    return app
 
 
 def build_parts(settings, metrics, session, store, webhook_session, media_session) -> Parts:

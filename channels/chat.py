@@ -15,10 +15,11 @@ from dataclasses import replace
 from config import Settings
 from domain.answers import ordinal
 from domain.conversations import Conversations, channel_owner, conversation_key
+from domain.deliveries import Undeliverable
 from domain.lifecycle import Lifecycle
 from domain.params import parse_generation
 from errors import InvalidRequest, ServiceError, StoreUnavailable
-from stores.records import Picture
+from stores.records import Picture, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +92,11 @@ class ChatFront:
 
     def conversation(self, user_id: str) -> str:
         return conversation_key(self.owner, user_id)
+
+
+def give_up_if_expired(record: TaskRecord, asked_after: float, what: str) -> None:
+    """A platform's answer lives a while only: a task asked before `asked_after` is not delivered (said in the
+    log, by `what`: "Discord's interaction", say)."""
+    if record.created_at < asked_after:
+        log.warning("task %s: %s expired before the picture came; not delivered", record.task_id, what)
+        raise Undeliverable(f"{what} expired")

@@ -19,11 +19,8 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from background import Background
-from channels.chat import ChatFront
+from channels.chat import ChatFront, give_up_if_expired
 from config import Settings
-from domain.conversations import Conversations
-from domain.deliveries import Undeliverable
-from domain.lifecycle import Lifecycle
 from domain.netguard import plain_session
 from domain.params import MODEL_TABLE, MODELS
 from errors import InvalidRequest, Unauthorized
@@ -116,16 +113,14 @@ class DiscordBot:
     def __init__(
         self,
         settings: Settings,
-        lifecycle: Lifecycle,
-        conversations: Conversations,
+        front: ChatFront,
         seen: Seen,
         api: DiscordApi,
-        allowed: Callable[[str], bool],
         background: Background,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
-        self.front = ChatFront("discord", settings, lifecycle, conversations, allowed)
+        self.front = front
         self.seen = seen
         self.api = api
         self.background = background
@@ -209,9 +204,7 @@ class DiscordBot:
     def deliver(self, record: TaskRecord) -> bool:
         """Edit the deferred answer: the picture with its buttons, or why not."""
         token = record.deliver_to.removeprefix(f"{SCHEME}:")
-        if self.clock() > record.created_at + TOKEN_LIFETIME:
-            log.warning("task %s: Discord's interaction expired before the picture came; not delivered", record.task_id)
-            raise Undeliverable("the interaction's token expired")
+        give_up_if_expired(record, self.clock() - TOKEN_LIFETIME, "Discord's interaction")
         if record.state == TaskState.SUCCESS:
             message = {"content": "", **picture_message(record.image_urls[0], record.prompt)}
         else:

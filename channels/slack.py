@@ -19,11 +19,8 @@ from urllib.parse import parse_qs
 import requests
 
 from background import Background
-from channels.chat import ChatFront
+from channels.chat import ChatFront, give_up_if_expired
 from config import Settings
-from domain.conversations import Conversations
-from domain.deliveries import Undeliverable
-from domain.lifecycle import Lifecycle
 from domain.netguard import check_target, public_session
 from errors import InvalidRequest, Unauthorized
 from stores.interface import Seen
@@ -53,16 +50,14 @@ class SlackCommands:
     def __init__(
         self,
         settings: Settings,
-        lifecycle: Lifecycle,
-        conversations: Conversations,
+        front: ChatFront,
         seen: Seen,
-        allowed: Callable[[str], bool],
         background: Background,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
-        self.front = ChatFront("slack", settings, lifecycle, conversations, allowed)
+        self.front = front
         self.seen = seen
         self.background = background
         # response_url comes from a request: it reaches only public addresses, as webhooks do
@@ -121,9 +116,7 @@ class SlackCommands:
     def deliver(self, record: TaskRecord) -> bool:
         """POST the picture to the command's response_url, for the channel; or why not, for the person."""
         response_url = record.deliver_to.removeprefix(f"{SCHEME}:")
-        if self.clock() > record.created_at + RESPONSE_URL_LIFETIME:
-            log.warning("task %s: Slack's response_url expired before the picture came; not delivered", record.task_id)
-            raise Undeliverable("the response_url expired")
+        give_up_if_expired(record, self.clock() - RESPONSE_URL_LIFETIME, "Slack's response_url")
         if record.state == TaskState.SUCCESS:
             message = picture_message(record.image_urls[0], record.prompt, "in_channel")
         else:

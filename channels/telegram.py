@@ -16,7 +16,6 @@ import io
 import logging
 import threading
 import unicodedata
-from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -24,8 +23,6 @@ import requests
 from background import Background
 from channels.chat import ChatFront
 from config import Settings
-from domain.conversations import Conversations
-from domain.lifecycle import Lifecycle
 from domain.media import Media
 from domain.netguard import BodyRefused, plain_session, read_bounded
 from errors import InvalidRequest, Unauthorized
@@ -106,17 +103,14 @@ class TelegramBot:
     def __init__(
         self,
         settings: Settings,
-        lifecycle: Lifecycle,
-        conversations: Conversations,
+        front: ChatFront,
         seen: Seen,
         api: BotApi,
-        allowed: Callable[[str], bool],
         background: Background,
         media: Media | None = None,
     ):
-        """`allowed(key)` spends one request of RATE_LIMIT for that key, False when none is left."""
         self.settings = settings
-        self.front = ChatFront("telegram", settings, lifecycle, conversations, allowed)
+        self.front = front
         self.seen = seen
         self.api = api
         self.background = background

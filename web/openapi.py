@@ -38,6 +38,30 @@ def json_response(description: str, schema: dict, headers: dict | None = None) -
 
 
 STRING = {"type": "string"}
+
+
+def chat_route(
+    summary: str, operation_id: str, headers: list[str], media_type: str, fields: dict, answered: str, answer: dict
+) -> dict:
+    """A chat platform's POST: its own secret or signature in `headers` (no access token), its message, at once."""
+    return {
+        "post": {
+            "summary": summary,
+            "operationId": operation_id,
+            "parameters": [{"name": name, "in": "header", "required": True, "schema": STRING} for name in headers],
+            "requestBody": {
+                "required": True,
+                "content": {media_type: {"schema": {"type": "object", "required": list(fields), "properties": fields}}},
+            },
+            "security": [],
+            "responses": {
+                "200": json_response(answered, answer),
+                **{code: COMMON_ERRORS[code] for code in ("400", "401", "404", "413")},
+            },
+        }
+    }
+
+
 UPSTREAM_TASK_ID = {"type": ["string", "null"], "description": "The upstream's id for the task, once known"}
 WEBHOOK = {
     "type": "object",
@@ -430,95 +454,33 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 },
             }
         },
-        "/telegram/webhook": {
-            "post": {
-                "summary": "For Telegram: an update for the bot (with TELEGRAM_BOT_TOKEN)",
-                "operationId": "telegramWebhook",
-                "parameters": [
-                    {"name": "X-Telegram-Bot-Api-Secret-Token", "in": "header", "required": True, "schema": STRING}
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "required": ["update_id"],
-                                "properties": {"update_id": {"type": "integer"}},
-                            }
-                        }
-                    },
-                },
-                "security": [],
-                "responses": {
-                    "200": json_response(
-                        "Received; handled in the background",
-                        {"type": "object", "properties": {"ok": {"const": True}}, "required": ["ok"]},
-                    ),
-                    **{code: COMMON_ERRORS[code] for code in ("400", "401", "404", "413")},
-                },
-            }
-        },
-        "/discord/interactions": {
-            "post": {
-                "summary": "For Discord: an interaction, signed (with DISCORD_APPLICATION_ID and DISCORD_PUBLIC_KEY)",
-                "operationId": "discordInteractions",
-                "parameters": [
-                    {"name": "X-Signature-Ed25519", "in": "header", "required": True, "schema": STRING},
-                    {"name": "X-Signature-Timestamp", "in": "header", "required": True, "schema": STRING},
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "required": ["type"],
-                                "properties": {"type": {"type": "integer"}},
-                            }
-                        }
-                    },
-                },
-                "security": [],
-                "responses": {
-                    "200": json_response(
-                        "Discord's answer: a pong, a deferred answer, or a message",
-                        {"type": "object", "properties": {"type": {"type": "integer"}}, "required": ["type"]},
-                    ),
-                    **{code: COMMON_ERRORS[code] for code in ("400", "401", "404", "413")},
-                },
-            }
-        },
-        "/slack/commands": {
-            "post": {
-                "summary": "For Slack: a slash command, signed (with SLACK_SIGNING_SECRET)",
-                "operationId": "slackCommands",
-                "parameters": [
-                    {"name": "X-Slack-Signature", "in": "header", "required": True, "schema": STRING},
-                    {"name": "X-Slack-Request-Timestamp", "in": "header", "required": True, "schema": STRING},
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/x-www-form-urlencoded": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["team_id", "user_id", "text", "response_url"],
-                                "properties": {name: STRING for name in ("team_id", "user_id", "text", "response_url")},
-                            }
-                        }
-                    },
-                },
-                "security": [],
-                "responses": {
-                    "200": json_response(
-                        "Slack's answer: a note for the person, or a picture for the channel",
-                        {"type": "object", "properties": {"response_type": STRING, "text": STRING}},
-                    ),
-                    **{code: COMMON_ERRORS[code] for code in ("400", "401", "404", "413")},
-                },
-            }
-        },
+        "/telegram/webhook": chat_route(
+            "For Telegram: an update for the bot (with TELEGRAM_BOT_TOKEN)",
+            "telegramWebhook",
+            ["X-Telegram-Bot-Api-Secret-Token"],
+            JSON,
+            {"update_id": {"type": "integer"}},
+            "Received; handled in the background",
+            {"type": "object", "properties": {"ok": {"const": True}}, "required": ["ok"]},
+        ),
+        "/discord/interactions": chat_route(
+            "For Discord: an interaction, signed (with DISCORD_APPLICATION_ID and DISCORD_PUBLIC_KEY)",
+            "discordInteractions",
+            ["X-Signature-Ed25519", "X-Signature-Timestamp"],
+            JSON,
+            {"type": {"type": "integer"}},
+            "Discord's answer: a pong, a deferred answer, or a message",
+            {"type": "object", "properties": {"type": {"type": "integer"}}, "required": ["type"]},
+        ),
+        "/slack/commands": chat_route(
+            "For Slack: a slash command, signed (with SLACK_SIGNING_SECRET)",
+            "slackCommands",
+            ["X-Slack-Signature", "X-Slack-Request-Timestamp"],
+            "application/x-www-form-urlencoded",
+            {name: STRING for name in ("team_id", "user_id", "text", "response_url")},
+            "Slack's answer: a note for the person, or a picture for the channel",
+            {"type": "object", "properties": {"response_type": STRING, "text": STRING}},
+        ),
         "/media/{name}": {
             "get": {
                 "summary": "A lasting copy of a picture (MEDIA_STORE=local)",
