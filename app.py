@@ -25,12 +25,13 @@ from config import MAX_BODY_BYTES, Settings, load_settings
 from domain.conversations import Conversations
 from domain.deliveries import Channel, Deliveries
 from domain.lifecycle import Lifecycle
-from domain.media import open_media
+from domain.media import local_media, open_media
+from domain.uploads import Uploads
 from domain.webhooks import SCHEMES, WebhookChannel
 from nanobanana_client import NanoBananaClient
 from stores import open_store
 from stores.interface import Store
-from web import chats, generation, history, ops, telemetry
+from web import chats, generation, history, ops, telemetry, uploads
 from web.access import init_access, limit_spender
 from web.errors import describe_error, handle_error
 from web.inputs import request_values
@@ -39,7 +40,7 @@ from web.upstream_callbacks import CallbackReceiver
 
 log = logging.getLogger(__name__)
 
-BLUEPRINTS = (generation.bp, history.bp, ops.bp, chats.bp)
+BLUEPRINTS = (generation.bp, uploads.bp, history.bp, ops.bp, chats.bp)
 
 
 def create_app(
@@ -56,6 +57,7 @@ def create_app(
     settings = settings or load_settings()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["UPLOAD_MAX_BYTES"] = settings.upload_max_bytes  # for the gunicorn worker (web/worker.py)
     app.json.sort_keys = False
     metrics = telemetry.init_app(app, settings.metrics_dir)
     parts = build_parts(settings, metrics, session, store, webhook_session, media_session)
@@ -102,6 +104,7 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
     store = store or open_store(settings)
     background = Background()
     media = open_media(settings, media_session)
+    uploaded = Uploads(store, media or local_media(settings, media_session), settings.history_ttl)
     conversations = Conversations(store, media, background)
     channels: dict[str, Channel] = {}
     if settings.webhook_secret:
@@ -109,7 +112,15 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
         channels.update(dict.fromkeys(SCHEMES, webhooks))
     deliveries = Deliveries(settings, store, background, channels, on_outcome=metrics.webhook_outcome)
     lifecycle = Lifecycle(
-        settings, client, store, conversations, deliveries, background, media, waited_in_queue=metrics.waited_in_queue
+        settings,
+        client,
+        store,
+        conversations,
+        deliveries,
+        background,
+        media,
+        uploaded,
+        waited_in_queue=metrics.waited_in_queue,
     )
     return Parts(
         settings=settings,
@@ -121,6 +132,7 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
         deliveries=deliveries,
         metrics=metrics,
         media=media,
+        uploads=uploaded,
         owns_store=owns_store,
     )
 

@@ -22,7 +22,10 @@ CALLBACK_FALLBACK_POLLS = 3  # with callbacks on, polls spread over the window, 
 WEBHOOK_RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0)  # after each failed attempt, then given up
 REQUEST_LINE_LIMIT = 256 * 1024  # a GET may carry a 20,000-character prompt: about 240 KB percent-encoded
 BODY_TIMEOUT = 10.0  # seconds a request body has to arrive
-MAX_BODY_BYTES = 1024 * 1024  # the largest request body, on every route
+MAX_BODY_BYTES = 1024 * 1024  # the largest request body, on every route but uploads (UPLOAD_MAX_BYTES)
+UPLOAD_PATH = "/nanobanana/uploads"  # the one route whose body is a picture, with its own size and time limits
+UPLOAD_FORM_ROOM = 64 * 1024  # an upload form's boundaries and part headers, beyond the picture itself
+UPLOAD_BODY_TIMEOUT = 120.0  # seconds an upload has to arrive: 10 MB from a phone on a slow line
 TASK_TTL = 24 * 3600  # how long the ledger keeps a task
 IDEMPOTENCY_TTL = 24 * 3600  # how long an idempotency key names its task
 
@@ -36,8 +39,8 @@ def in_words(seconds: float) -> str:
 
 
 def size_in_words(size: int) -> str:
-    """A size as a message says it: "1 MiB", "256 KiB"."""
-    for unit, factor in (("MiB", 2**20), ("KiB", 2**10)):
+    """A size as a message says it: "1 MiB", "10 MB", "256 KiB"."""
+    for unit, factor in (("MiB", 2**20), ("MB", 10**6), ("KiB", 2**10), ("KB", 10**3)):
         if size >= factor and size % factor == 0:
             return f"{size // factor} {unit}"
     return f"{size} bytes"
@@ -86,6 +89,7 @@ class Settings:
     media_store: str | None = None  # None, "local" or "s3://bucket/prefix": where lasting copies of pictures go
     media_dir: str = "data/media"
     s3_endpoint_url: str | None = None
+    upload_max_bytes: int = 10 * 1000 * 1000  # the largest picture POST /nanobanana/uploads takes
     telegram_bot_token: str | None = field(default=None, repr=False)  # turns the Telegram bot on
     telegram_webhook_secret: str | None = field(default=None, repr=False)
     telegram_api_base: str = "https://api.telegram.org"
@@ -189,6 +193,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         media_store=_media_store(env),
         media_dir=_text(env, "MEDIA_DIR", DEFAULTS.media_dir),
         s3_endpoint_url=_url(env, "S3_ENDPOINT_URL", None),
+        upload_max_bytes=_integer(env, "UPLOAD_MAX_BYTES", DEFAULTS.upload_max_bytes, minimum=1024),
         **_telegram(env),
         **_discord(env),
         slack_signing_secret=env.get("SLACK_SIGNING_SECRET", "").strip() or None,

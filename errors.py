@@ -100,6 +100,26 @@ class TooLarge(ServiceError):
     message = f"The request body is larger than {size_in_words(MAX_BODY_BYTES)}. Please send a shorter request."
 
 
+class NotAPicture(ServiceError):
+    """An upload that is no PNG, JPEG, WebP or GIF (by its bytes)."""
+
+    status, code = 415, "not_a_picture"
+    message = (
+        "This is not a picture the image service can use. Please send a PNG, JPEG, WebP or GIF "
+        "(an SVG or a document will not do)."
+    )
+
+
+class UploadsUnavailable(ServiceError):
+    """Uploads would land where the upstream cannot fetch them, or could not be stored."""
+
+    status, code = 503, "uploads_unavailable"
+    message = (
+        "This service cannot take pictures yet: the image service could not fetch them from here. "
+        "Its owner needs to set PUBLIC_BASE_URL (this service's public address), or MEDIA_STORE=s3://… ."
+    )
+
+
 class IdempotencyConflict(ServiceError):
     """An idempotency key was used before with other parameters."""
 

@@ -32,14 +32,16 @@ class Keeper:
         adopt: Callable[[TaskRecord], None],
         background: Background,
         expired: Callable[[list[Picture]], None] = lambda pictures: None,
+        uploads_expired: Callable[[list[str]], None] = lambda urls: None,
         clock: Callable[[], float] = time.time,
     ):
         """`adopt(record)` starts following a task taken over from a follower that is gone; `expired(pictures)`
-        hears of the pictures of conversations that expired."""
+        hears of the pictures of conversations that expired, `uploads_expired(urls)` of uploads nobody used in time."""
         self.store = store
         self.follower_id = follower_id
         self.adopt = adopt
         self.expired = expired
+        self.uploads_expired = uploads_expired
         self.background = background
         self.clock = clock
         self._next_purge = 0.0
@@ -66,6 +68,8 @@ class Keeper:
                 self._next_purge = now + PURGE_EVERY
                 if dropped:
                     self.expired(dropped)
+                if uploads := self.store.expired_uploads(now):
+                    self.uploads_expired(uploads)
             if self._store_away:
                 log.info("the store is back")
             self._store_away = False

@@ -38,6 +38,7 @@ from domain.media import Media
 from domain.params import GenerationRequest
 from domain.polls import PollSchedule
 from domain.queue import Dispatcher
+from domain.uploads import Uploads
 from domain.waiting import WAITING, Following, Waiting, Watch, is_over
 from errors import AlreadySubmitted, InvalidRequest, NoKeyUsable, NotConfigured, StoreUnavailable
 from nanobanana_client import (
@@ -88,6 +89,7 @@ class Lifecycle:
         deliveries: Deliveries,
         background: Background,
         media: Media | None = None,
+        uploads: Uploads | None = None,
         waited_in_queue: Callable[[float], None] = lambda seconds: None,
     ):
         """`waited_in_queue(seconds)` hears how long each task waited for its turn (for metrics)."""
@@ -98,13 +100,21 @@ class Lifecycle:
         self.deliveries = deliveries
         self.background = background
         self.media = media  # where lasting copies of finished pictures go; None: the upstream's addresses stay
+        self.uploads = uploads  # pictures people uploaded: each use keeps one longer
         self.waited_in_queue = waited_in_queue
         self._copying: set[str] = set()  # tasks whose pictures are being copied now: one copy per task at a time
         self._copies_lock = threading.Lock()
         self.follower_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.polls: PollSchedule[Following | Watch] = PollSchedule(background, self._when_due, is_over)
         self.waiting = Waiting(store, background, self.polls.add)
-        self.keeper = Keeper(store, self.follower_id, self._take_over, background, conversations.drop_copies)
+        self.keeper = Keeper(
+            store,
+            self.follower_id,
+            self._take_over,
+            background,
+            conversations.drop_copies,
+            uploads.drop if uploads else lambda urls: None,
+        )
         self.queue = Dispatcher(
             store,
             settings.pacing,
@@ -154,6 +164,8 @@ class Lifecycle:
         conversation = conversation_key(owner, wanted.user_id)
         remembered = None if wanted.reset else conversation  # reset: the remembered picture is not edited
         generation, used_previous = self.conversations.source(wanted, remembered, owner)
+        if self.uploads:
+            self.uploads.used(generation.image_urls)
         if wanted.reset and conversation:  # the copies go in the background: the caller waits for its picture
             self.conversations.forget(conversation, spare=generation.image_urls, wait=False)
         record, new = self.store.record_task(

@@ -31,6 +31,7 @@ FETCH_TIMEOUT = (5.0, 15.0)  # connect, and each read
 FETCH_DEADLINE = 60.0  # for the whole picture
 MAX_REDIRECTS = 3
 SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8"}
+UPLOAD_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")  # what people may upload
 MAX_AGE = 365 * 24 * 3600  # a copy may be cached for a year: a name is never reused for another picture
 CACHE_CONTROL = f"public, max-age={MAX_AGE}, immutable"
 EXTENSIONS = {
@@ -78,6 +79,10 @@ class Media:
         except Exception:  # the store refused it (S3 credentials, a missing bucket): the owner must hear of it
             log.exception("no lasting copy of a picture")
             return None
+
+    def owns(self, url: str) -> bool:
+        """Whether `url` is the address of a picture kept here."""
+        return self._name_of(url) is not None
 
     def delete(self, urls: list[str]) -> None:
         """Remove the copies among `urls` (others are not ours, and stay)."""
@@ -215,13 +220,23 @@ def looks_like(content: IO[bytes], content_type: str) -> bool:
     return start.startswith(SIGNATURES[content_type])
 
 
+def upload_type(content: IO[bytes]) -> str | None:
+    """The type of an uploaded picture, known by its bytes (a name or a content type is only a claim)."""
+    return next((kind for kind in UPLOAD_TYPES if looks_like(content, kind)), None)
+
+
+def local_media(settings: Settings, session: requests.Session | None = None) -> LocalMedia:
+    """Files under MEDIA_DIR, at PUBLIC_BASE_URL/media/… (which the upstream can fetch), else on this machine."""
+    base_url = settings.public_base_url or f"http://127.0.0.1:{settings.port}"
+    reachable = settings.public_base_url is not None
+    return LocalMedia(settings.media_dir, base_url, reachable, session, settings.api_base)
+
+
 def open_media(settings: Settings, session: requests.Session | None = None) -> Media | None:
     """The media store MEDIA_STORE names, or None to keep the upstream's addresses."""
     if settings.media_store is None:
         return None
     if settings.media_store == "local":
-        base_url = settings.public_base_url or f"http://127.0.0.1:{settings.port}"
-        reachable = settings.public_base_url is not None
-        return LocalMedia(settings.media_dir, base_url, reachable, session, settings.api_base)
+        return local_media(settings, session)
     bucket, _, prefix = settings.media_store.removeprefix("s3://").partition("/")
     return S3Media(bucket, prefix, settings.s3_endpoint_url, session, settings.api_base)

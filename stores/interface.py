@@ -151,7 +151,18 @@ class Seen(Protocol):
         """True the first time `key` is seen within `ttl` seconds (a Telegram update id, say), False after."""
 
 
-class Store(Chains, Ledger, Queue, Outbox, Followers, WakeUps, Seen, Protocol):
+class Uploads(Protocol):
+    def keep_upload(self, url: str, until: float) -> None:
+        """Keep an uploaded picture until `until`."""
+
+    def renew_upload(self, url: str, until: float) -> None:
+        """Keep an upload longer (it is used); nothing if `url` is no upload (a lasting copy, say)."""
+
+    def expired_uploads(self, now: float) -> list[str]:
+        """The addresses of the uploads whose time ran out, each named once, and forgotten."""
+
+
+class Store(Chains, Ledger, Queue, Outbox, Followers, WakeUps, Seen, Uploads, Protocol):
     def ping(self) -> bool:
         """Whether the store answers, and takes writes, now."""
 

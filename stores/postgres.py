@@ -113,6 +113,10 @@ MIGRATIONS = (
     """
     CREATE TABLE counters (key TEXT PRIMARY KEY, hits BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL);
     """,
+    """
+    CREATE TABLE uploads (url TEXT PRIMARY KEY, until DOUBLE PRECISION NOT NULL);
+    CREATE INDEX uploads_until ON uploads (until);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 WRITER_LOCK = 0x6E616E6F  # the advisory lock every write transaction holds ("nano")

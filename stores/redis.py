@@ -479,6 +479,21 @@ class RedisStore:
     def first_time(self, key: str, ttl: float) -> bool:
         return bool(self._call(self.redis.set, self._key("seen:", key), 1, nx=True, px=max(1, int(ttl * 1000))))
 
+    def keep_upload(self, url: str, until: float) -> None:
+        self._call(self.redis.zadd, self._key("uploads"), {url: until})
+
+    def renew_upload(self, url: str, until: float) -> None:
+        self._call(self.redis.zadd, self._key("uploads"), {url: until}, xx=True)
+
+    def expired_uploads(self, now: float) -> list[str]:
+        def take() -> list[str]:
+            with self.redis.pipeline(transaction=True) as pipe:  # named and forgotten at once: named once
+                pipe.zrangebyscore(self._key("uploads"), "-inf", now)
+                pipe.zremrangebyscore(self._key("uploads"), "-inf", now)
+                return pipe.execute()[0]
+
+        return self._call(take)
+
     # -- the queue ---------------------------------------------------------------------------
 
     def take_turns(self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int) -> Turns:

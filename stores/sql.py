@@ -237,6 +237,17 @@ class SqlStore:
             db.execute("DELETE FROM seen WHERE key = ? AND until <= ?", (key, now))
             return db.execute("INSERT INTO seen VALUES (?, ?) ON CONFLICT DO NOTHING", (key, now + ttl)).rowcount == 1
 
+    def keep_upload(self, url: str, until: float) -> None:
+        self.database.run("INSERT INTO uploads (url, until) VALUES (?, ?)", (url, until))
+
+    def renew_upload(self, url: str, until: float) -> None:
+        self.database.run("UPDATE uploads SET until = ? WHERE url = ?", (until, url))
+
+    def expired_uploads(self, now: float) -> list[str]:
+        with self.database.transaction() as db:
+            rows = db.execute("DELETE FROM uploads WHERE until <= ? RETURNING url", (now,)).fetchall()
+        return [row["url"] for row in rows]
+
     # -- the queue ---------------------------------------------------------------------------
 
     def take_turns(self, follower: str, now: float, pacing: Pacing, key_ids: list[str], limit: int) -> Turns:

@@ -139,6 +139,10 @@ MIGRATIONS = (
     );
     CREATE TABLE counters (key TEXT PRIMARY KEY, hits INTEGER NOT NULL, expires_at REAL NOT NULL);  -- RATE_LIMIT
     """,
+    """
+    CREATE TABLE uploads (url TEXT PRIMARY KEY, until REAL NOT NULL);  -- pictures people uploaded, kept until
+    CREATE INDEX uploads_until ON uploads (until);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 5000

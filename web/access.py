@@ -19,6 +19,7 @@ from domain.params import parse_user_id
 from errors import InvalidRequest, StoreUnavailable, Unauthorized
 from stores.interface import Store
 from web.telemetry import GENERATE_ENDPOINT
+from web.uploads import UPLOAD_ENDPOINT
 
 OPEN_ENDPOINTS = {  # CONTRACT §5: every other route needs a token when ACCESS_TOKENS is set
     "generation.upstream_callback",
@@ -31,6 +32,7 @@ OPEN_ENDPOINTS = {  # CONTRACT §5: every other route needs a token when ACCESS_
     "chats.slack",  # its signature guards it
     "static",
 }
+LIMITED_ENDPOINTS = (GENERATE_ENDPOINT, UPLOAD_ENDPOINT)  # RATE_LIMIT counts these
 # Answers that spent nothing upstream, though they are 5xx: they do not count against RATE_LIMIT.
 NOTHING_SPENT = ("not_configured", "store_unavailable", "internal_error")
 
@@ -140,7 +142,7 @@ def counters(settings: Settings, store: Store) -> tuple[str, dict]:
 
 
 def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, store: Store) -> None:
-    """RATE_LIMIT on generation requests, per user (within its token), else per client address."""
+    """RATE_LIMIT on generation requests and uploads, per user (within its token), else per client address."""
 
     def rate_limit_key() -> str:
         try:
@@ -165,10 +167,11 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, store
         swallow_errors=True,
     )
     app.extensions["limiter_instance"] = limiter
-    limiter.request_filter(lambda: request.endpoint != GENERATE_ENDPOINT)  # others skip the limiter at once
-    if settings.rate_limit:
-        limited = limiter.limit(settings.rate_limit, deduct_when=counts_against_limit)
-        app.view_functions[GENERATE_ENDPOINT] = limited(app.view_functions[GENERATE_ENDPOINT])
+    limiter.request_filter(lambda: request.endpoint not in LIMITED_ENDPOINTS)  # others skip the limiter at once
+    if settings.rate_limit:  # an upload and a generation each count as one request, against one limit
+        limited = limiter.shared_limit(settings.rate_limit, scope="pictures", deduct_when=counts_against_limit)
+        for endpoint in LIMITED_ENDPOINTS:
+            app.view_functions[endpoint] = limited(app.view_functions[endpoint])
 
 
 def limit_spender(app: Flask, settings: Settings) -> Callable[[str], bool]:

@@ -9,6 +9,7 @@ from flask import g, request
 
 from domain.params import json_values
 from errors import InvalidRequest
+from web.uploads import UPLOAD_ENDPOINT
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -23,7 +24,7 @@ def request_values() -> dict[str, list[str]]:
 def _merged_values() -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
     sources = [request.args.to_dict(flat=False)]
-    if request.method == "POST":
+    if request.method == "POST" and request.endpoint != UPLOAD_ENDPOINT:  # an upload's body is its picture
         sources.append(body_values())
     for source in sources:
         for name, items in source.items():

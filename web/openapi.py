@@ -7,7 +7,8 @@ The tests validate it, and schemathesis checks the live service against it.
 
 from __future__ import annotations
 
-from config import BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_LINE_LIMIT, size_in_words
+from config import BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_LINE_LIMIT, UPLOAD_BODY_TIMEOUT, UPLOAD_PATH, size_in_words
+from domain.media import UPLOAD_TYPES
 from domain.params import FIELDS, MAX_USER_ID, Field, Kind
 from stores.records import DeliveryState
 from web.errors import error_codes
@@ -185,6 +186,57 @@ def generation_parameters() -> list[dict]:
 
 def format_parameter() -> dict:
     return {"name": "format", "in": "query", "schema": GENERATION_FIELDS["format"]}
+
+
+UPLOAD_SCHEMA = {
+    "type": "object",
+    "required": ["url", "content_type", "bytes"],
+    "properties": {
+        "url": {"type": "string", "format": "uri", "description": "Give it as image_url to start from this picture"},
+        "content_type": {"enum": list(UPLOAD_TYPES), "description": "Known from the bytes, not the name"},
+        "bytes": {"type": "integer", "minimum": 1},
+    },
+}
+PICTURE = {"type": "string", "format": "binary"}
+
+
+def upload_operation(guarded: list) -> dict:
+    """POST /nanobanana/uploads: a picture from the device, as a form's `file` or as the whole body."""
+    return {
+        "summary": "Keep a picture from your device (PNG, JPEG, WebP or GIF), to start from it as image_url",
+        "description": (
+            "Up to UPLOAD_MAX_BYTES (10 MB unless set). Kept in the media store (the local folder without MEDIA_STORE, "
+            "which needs PUBLIC_BASE_URL so the image service can fetch it) for HISTORY_TTL after its last use. "
+            "Counts against RATE_LIMIT."
+        ),
+        "operationId": "upload",
+        "parameters": [{"name": "user_id", "in": "query", "schema": GENERATION_FIELDS["user_id"]}],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"], "properties": {"file": PICTURE}}
+                },
+                **{kind: {"schema": PICTURE} for kind in UPLOAD_TYPES},
+            },
+        },
+        "security": guarded,
+        "responses": {
+            "201": json_response("Kept: its address", UPLOAD_SCHEMA, LOCATION),
+            "400": COMMON_ERRORS["400"],
+            "401": COMMON_ERRORS["401"],
+            "408": error_response(f"The picture did not arrive within {UPLOAD_BODY_TIMEOUT:g} seconds"),
+            "413": error_response("The picture is over UPLOAD_MAX_BYTES"),
+            "415": error_response("Not a PNG, JPEG, WebP or GIF (by its bytes), or not sent as a picture"),
+            "429": error_response("Over RATE_LIMIT", RETRY_AFTER),
+            "500": COMMON_ERRORS["500"],
+            "503": error_response(
+                "Uploads cannot work here yet (the message names the setting: PUBLIC_BASE_URL or MEDIA_STORE), "
+                "or the store is unavailable",
+                RETRY_AFTER,
+            ),
+        },
+    }
 
 
 USER_ID_PATH = {
@@ -397,6 +449,7 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 "responses": GENERATION_RESPONSES,
             },
         },
+        UPLOAD_PATH: {"post": upload_operation(guarded)},
         "/nanobanana/tasks/{task_id}": {
             "get": {
                 "summary": "A task made through this service, by its task_id or its upstream_task_id",

@@ -31,9 +31,8 @@ def home():
 
 @bp.get("/media/<name>", endpoint="media")
 def media_file(name: str):
-    """A lasting copy (MEDIA_STORE=local): never changes, so it may be cached for a year."""
-    media = parts().media
-    path = media.path(name) if media is not None else None
+    """A lasting copy or an upload kept in the local folder: never changes, so it may be cached for a year."""
+    path = parts().uploads.media.path(name)  # the local folder's, whether MEDIA_STORE=local or unset
     if path is None or not os.path.isfile(path):
         raise NotFound("There is no picture at this address.")
     response = send_file(path, max_age=MAX_AGE, conditional=True)

@@ -19,6 +19,7 @@ from domain.conversations import Conversations
 from domain.deliveries import Deliveries
 from domain.lifecycle import Lifecycle
 from domain.media import Media
+from domain.uploads import Uploads
 from nanobanana_client import NanoBananaClient
 from stores.interface import Store
 from web.telemetry import Metrics
@@ -34,6 +35,7 @@ class Parts:
     lifecycle: Lifecycle
     deliveries: Deliveries
     metrics: Metrics
+    uploads: Uploads
     media: Media | None = None
     telegram: TelegramBot | None = None
     discord: DiscordBot | None = None

@@ -34,7 +34,7 @@ from werkzeug.exceptions import (
     RequestURITooLarge,
 )
 
-from config import BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_LINE_LIMIT
+from config import BODY_TIMEOUT, MAX_BODY_BYTES, REQUEST_LINE_LIMIT, UPLOAD_BODY_TIMEOUT, UPLOAD_FORM_ROOM, UPLOAD_PATH
 
 log = logging.getLogger("nanobanana.edge")
 
@@ -65,9 +65,10 @@ class BodyReader:
     gunicorn closes the connection after any of them, since where the next request starts is unknown.
     """
 
-    def __init__(self, reader, deadline: float):
+    def __init__(self, reader, deadline: float, limit: int = MAX_BODY_BYTES):
         self.reader = reader
         self.deadline = deadline
+        self.limit = limit
         self.read_so_far = 0
 
     def read(self, size):
@@ -75,14 +76,14 @@ class BodyReader:
         if remaining <= 0:
             raise BodyTimeout()
         # A read that reaches the limit asks for one byte more: if it comes, the body is too long.
-        reaches_limit = size is not None and size >= 0 and self.read_so_far + size >= MAX_BODY_BYTES
+        reaches_limit = size is not None and size >= 0 and self.read_so_far + size >= self.limit
         try:
             with gevent.Timeout(remaining, BodyTimeout):
                 data = self.reader.read(size + 1 if reaches_limit else size)
         except errors.ParseException:
             raise MalformedBody() from None
         self.read_so_far += len(data)
-        if self.read_so_far > MAX_BODY_BYTES:
+        if self.read_so_far > self.limit:
             self._drop_the_rest(remaining)
             raise BodyTooLarge()
         return data
@@ -97,16 +98,26 @@ class BodyReader:
 
 
 class ServiceRequest(Request):
+    upload_limit = MAX_BODY_BYTES  # the worker sets UPLOAD_MAX_BYTES here once the app is loaded
+
     def read_line(self, unreader, buf, limit=0):
         """The request line, up to REQUEST_LINE_LIMIT (gunicorn's setting stops at 8 KB)."""
         return super().read_line(unreader, buf, REQUEST_LINE_LIMIT)
 
     def set_body_reader(self):
         super().set_body_reader()
-        self.body.reader = BodyReader(self.body.reader, time.monotonic() + BODY_TIMEOUT)
+        if self.path == UPLOAD_PATH:  # a picture: larger, and from a phone on a slow line perhaps
+            limit, seconds = self.upload_limit + UPLOAD_FORM_ROOM, UPLOAD_BODY_TIMEOUT
+        else:
+            limit, seconds = MAX_BODY_BYTES, BODY_TIMEOUT
+        self.body.reader = BodyReader(self.body.reader, time.monotonic() + seconds, limit)
 
 
 class Worker(GeventWorker):
+    def load_wsgi(self):
+        super().load_wsgi()
+        ServiceRequest.upload_limit = self.wsgi.config["UPLOAD_MAX_BYTES"]
+
     def init_process(self):
         # gunicorn builds its parser inside the connection handler; its message class is the hook it offers.
         RequestParser.mesg_class = ServiceRequest
