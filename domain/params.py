@@ -209,12 +209,20 @@ ACCEPTED_NAMES = {name: field for field in FIELDS for name in field.names}  # a 
 
 
 def page_context() -> dict[str, Any]:
-    """What the try-it page shows: the models to choose from (each with its prompt limit), the one chosen at
-    first, and the longest prompt any of them takes."""
+    """What the try-it page shows: the models to choose from, the one chosen at first, the longest prompt any of
+    them takes, and what each model takes (its page script offers only those aspect ratios and resolutions)."""
     return {
         "models": [MODEL_TABLE[name] for name in MODELS],
         "default_model": DEFAULT_MODEL,
         "longest_prompt": LONGEST_PROMPT,
+        "model_limits": {
+            name: {
+                "max_prompt": model.max_prompt,
+                "aspect_ratios": list(model.aspect_ratios),
+                "resolutions": list(RESOLUTIONS) if model.takes_resolution else [],
+            }
+            for name, model in MODEL_TABLE.items()
+        },
     }
 
 

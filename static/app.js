@@ -12,6 +12,10 @@ const form = $("make");
 const promptBox = $("prompt");
 const imageUrlBox = $("image-url");
 const modelBox = $("model");
+const aspectRatioBox = $("aspect-ratio");
+const resolutionBox = $("resolution");
+const photoInput = $("photo");
+const MODEL_LIMITS = JSON.parse($("model-limits").textContent); // the service's own table of what each model takes
 const tokenBox = $("token");
 const submitButton = $("submit");
 const startOverButton = $("start-over");
@@ -20,6 +24,7 @@ const cancelButton = $("cancel");
 const editingNote = $("editing");
 let chain = [];
 let editFrom = null; // the task_id of an earlier picture chosen with "Edit this one"
+let chosenPhoto = null; // the address of the photo uploaded to start from
 const statusLine = $("status");
 const errorLine = $("error");
 
@@ -69,14 +74,19 @@ function clearError() {
   errorLine.hidden = true;
 }
 
-function picture(url, caption) {
+function picture(url, caption, number) {
   const figure = document.createElement("figure");
   const image = document.createElement("img");
   image.src = url;
   image.alt = caption;
   const text = document.createElement("figcaption");
   text.textContent = caption;
-  figure.append(image, text);
+  const download = document.createElement("a");
+  download.href = url;
+  download.download = "";
+  download.textContent = "Download";
+  download.setAttribute("aria-label", "Download picture " + number + ": " + caption);
+  figure.append(image, text, download);
   return figure;
 }
 
@@ -102,7 +112,7 @@ function render() {
   list.replaceChildren(
     ...chain.map((step, index) => {
       const item = document.createElement("li");
-      item.append(picture(step.image_url, step.prompt || ""));
+      item.append(picture(step.image_url, step.prompt || "", index + 1));
       if (index < chain.length - 1) item.append(editButton(step, index + 1));
       return item;
     })
@@ -117,6 +127,7 @@ function render() {
     $("result-image").src = last.image_url;
     $("result-image").alt = last.prompt;
     $("result-caption").textContent = last.prompt;
+    $("result-download").href = last.image_url;
   }
 }
 
@@ -206,8 +217,11 @@ async function make(event) {
     return;
   }
   const body = { prompt, user_id: userId(), model: modelBox.value };
+  if (aspectRatioBox.value) body.aspect_ratio = aspectRatioBox.value;
+  if (resolutionBox.value && !resolutionBox.disabled) body.resolution = resolutionBox.value;
   const imageUrl = imageUrlBox.value.trim();
-  if (imageUrl) body.image_url = imageUrl;
+  if (chosenPhoto) body.image_url = chosenPhoto;
+  else if (imageUrl) body.image_url = imageUrl;
   else if (editFrom) body.from_task = editFrom;
 
   submitButton.disabled = true;
@@ -219,6 +233,7 @@ async function make(event) {
       await loadChain();
       promptBox.value = "";
       imageUrlBox.value = "";
+      forgetPhoto();
       statusLine.textContent = "Done in " + Math.round(data.elapsed_seconds) + " s. Describe a change to edit it.";
     } else if (status === 410) {
       statusLine.textContent = "Cancelled. Nothing was charged.";
@@ -256,6 +271,7 @@ async function startOver() {
   }
   chain = [];
   editFrom = null;
+  forgetPhoto();
   render();
   statusLine.textContent = "Started over. The next picture begins a new conversation.";
   promptBox.focus();
@@ -280,6 +296,101 @@ async function undo() {
   }
 }
 
+// The choices the chosen model has, from the service's table: its aspect ratios, and its resolutions if any.
+function offerModelChoices() {
+  const limits = MODEL_LIMITS[modelBox.value];
+  fillChoices(aspectRatioBox, limits.aspect_ratios, "As the model chooses");
+  fillChoices(resolutionBox, limits.resolutions, "As the model chooses");
+  const takesResolution = limits.resolutions.length > 0;
+  $("resolution-choice").hidden = !takesResolution;
+  resolutionBox.disabled = !takesResolution;
+  promptBox.maxLength = limits.max_prompt;
+}
+
+function fillChoices(select, values, unset) {
+  const kept = select.value;
+  const options = [new Option(unset, ""), ...values.map((value) => new Option(value, value))];
+  select.replaceChildren(...options);
+  select.value = values.includes(kept) ? kept : "";
+}
+
+// A photo from the device: uploaded, then shown as the picture the next prompt starts from.
+async function choosePhoto(file) {
+  clearError();
+  if (!file) return;
+  if (!file.type.startsWith("image/")) {
+    showError("That file is not a picture. Please choose a PNG, JPEG, WebP or GIF.");
+    return;
+  }
+  statusLine.textContent = "Sending your photo…";
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const answer = await fetch("/nanobanana/uploads?user_id=" + encodeURIComponent(userId()), {
+      method: "POST",
+      headers: authHeaders(),
+      body: form,
+    });
+    const data = await readJson(answer);
+    if (!answer.ok) {
+      statusLine.textContent = "";
+      showError((data.error && data.error.message) || "The photo could not be sent (HTTP " + answer.status + ").");
+      return;
+    }
+    showPhoto(data.url);
+    statusLine.textContent = "Your photo is ready. Describe how to change it, then press Make it.";
+    promptBox.focus();
+  } catch (_) {
+    statusLine.textContent = "";
+    showError("The service could not be reached. Please check your connection and try again.");
+  } finally {
+    photoInput.value = "";
+  }
+}
+
+function showPhoto(url) {
+  chosenPhoto = url;
+  $("chosen-image").src = url;
+  $("chosen").hidden = false;
+}
+
+function forgetPhoto() {
+  chosenPhoto = null;
+  $("chosen").hidden = true;
+  $("chosen-image").removeAttribute("src");
+}
+
+function firstPicture(files) {
+  return Array.from(files || []).find((file) => file.type.startsWith("image/")) || (files && files[0]);
+}
+
+function listenForPhotos() {
+  const zone = $("drop-zone");
+  photoInput.addEventListener("change", () => choosePhoto(photoInput.files[0]));
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    choosePhoto(firstPicture(event.dataTransfer.files));
+  });
+  document.addEventListener("paste", (event) => {
+    const file = firstPicture(event.clipboardData && event.clipboardData.files);
+    if (file && file.type.startsWith("image/")) {
+      event.preventDefault(); // a pasted picture, not text: the prompt keeps what it has
+      choosePhoto(file);
+    }
+  });
+  $("remove-photo").addEventListener("click", () => {
+    forgetPhoto();
+    statusLine.textContent = "The photo was removed.";
+    photoInput.focus();
+  });
+}
+
 tokenBox.value = localStorage.getItem(KEYS.token) || "";
 tokenBox.addEventListener("change", () => {
   localStorage.setItem(KEYS.token, tokenBox.value.trim());
@@ -292,5 +403,8 @@ form.addEventListener("submit", make);
 startOverButton.addEventListener("click", startOver);
 undoButton.addEventListener("click", undo);
 cancelButton.addEventListener("click", cancelWaiting);
+modelBox.addEventListener("change", offerModelChoices);
+listenForPhotos();
+offerModelChoices();
 render();
 loadChain();

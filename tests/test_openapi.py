@@ -26,7 +26,7 @@ from domain.params import (
 )
 from errors import InvalidRequest
 from tests.helpers import emulated_upstream
-from tools.processes import Service
+from tools.processes import Service, free_port
 
 
 def test_document_is_valid_openapi(client):
@@ -165,14 +165,18 @@ def test_descriptions_quote_the_configured_limits(client):
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory):
     with emulated_upstream(delay=0.0) as upstream:
+        port = free_port()
         environ = {
             "API_KEYS_1": "schemathesis-key",
             "NANOBANANA_API_BASE": upstream.url,
             "POLL_INTERVAL": "0.05",
             "POLL_MAX_ATTEMPTS": "10",
             "RATE_LIMIT": "off",
+            "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",  # uploads work, and answer as documented
         }
-        running = Service(environ, tmp_path_factory.mktemp("schemathesis") / "service.log").wait_ready()
+        folder = tmp_path_factory.mktemp("schemathesis")
+        running = Service({**environ, "MEDIA_DIR": str(folder / "media")}, folder / "service.log", port=port)
+        running.wait_ready()
         yield running
         running.stop()
 

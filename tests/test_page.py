@@ -6,9 +6,10 @@ import os
 import shutil
 
 import pytest
+import requests
 
-from tests.helpers import emulated_upstream
-from tools.processes import Service
+from tests.helpers import emulated_upstream, png
+from tools.processes import Service, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +53,19 @@ def upstream():
 
 
 def start(upstream, log_path, **extra) -> Service:
-    environ = {"API_KEYS_1": "page-key", "NANOBANANA_API_BASE": upstream.url, "POLL_INTERVAL": "0.1", **extra}
-    return Service(environ, log_path).wait_ready()
+    """The service as a deployment runs it for the page: a public address (so the upstream can fetch uploads, and
+    calls back), and lasting copies in a local folder (so pictures download from the page's own origin)."""
+    port = free_port()
+    environ = {
+        "API_KEYS_1": "page-key",
+        "NANOBANANA_API_BASE": upstream.url,
+        "POLL_INTERVAL": "0.1",
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "MEDIA_STORE": "local",
+        "MEDIA_DIR": str(log_path.parent / f"media-{port}"),
+        **extra,
+    }
+    return Service(environ, log_path, port=port).wait_ready()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +86,7 @@ def page(browser, service):
 
 def make(page, prompt: str, image_url: str = "") -> None:
     page.get_by_label("What should the picture show").fill(prompt)
-    page.get_by_label("Start from an image").fill(image_url)
+    page.get_by_label("Or the web address of a picture").fill(image_url)
     page.get_by_role("button", name="Make it").click()
 
 
@@ -83,12 +95,12 @@ def sources_of_last_task(upstream) -> list[str]:
     return last.params.get("imageUrls", [])
 
 
-def test_a_prompt_shows_a_picture_and_the_next_one_edits_it(page, upstream):
+def test_a_prompt_shows_a_picture_and_the_next_one_edits_it(page, upstream, service):
     make(page, "a cat in a hat")
     chain = page.locator("#chain li")
     expect(chain).to_have_count(1)
     first = page.locator("#result-image").get_attribute("src")
-    assert "/files/" in first
+    assert first.startswith(service.url + "/media/")
     expect(page.locator("#result-caption")).to_have_text("a cat in a hat")
 
     page.get_by_label("What should the picture show").fill("make it blue")
@@ -194,18 +206,6 @@ def test_works_with_an_access_token(browser, upstream, tmp_path):
         guarded.stop()
 
 
-def test_page_is_readable_on_a_phone(browser, service):
-    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
-    try:
-        page = context.new_page()
-        page.goto(service.url + "/")
-        width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 375  # nothing sticks out sideways
-        expect(page.get_by_role("button", name="Make it")).to_be_visible()
-    finally:
-        context.close()
-
-
 def test_a_picture_in_line_shows_its_place_and_can_be_cancelled(browser, upstream, tmp_path):
     paced = start(upstream, tmp_path / "paced.log", UPSTREAM_RATE="1/60s")
     context = browser.new_context()
@@ -227,3 +227,200 @@ def test_a_picture_in_line_shows_its_place_and_can_be_cancelled(browser, upstrea
     finally:
         context.close()
         paced.stop()
+
+
+# -- a photo from the device, the model's choices, downloads, a phone, the keyboard, accessibility ---------------
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "my photo.png"
+    path.write_bytes(png(24, 16, (20, 120, 200)))
+    return path
+
+
+def chosen_photo(page) -> str:
+    """The address of the photo shown as the starting picture, once it is shown."""
+    expect(page.locator("#chosen")).to_be_visible()
+    return page.locator("#chosen-image").get_attribute("src")
+
+
+def test_a_photo_from_disk_is_uploaded_shown_and_edited(page, upstream, service, photo):
+    page.get_by_label("Choose a photo from your device").set_input_files(photo)
+    url = chosen_photo(page)
+    assert url.startswith(service.url + "/media/")
+    assert requests.get(url, timeout=5).content == photo.read_bytes()  # what the upstream will fetch
+    expect(page.locator("#status")).to_contain_text("Your photo is ready")
+    page.get_by_label("What should the picture show").fill("make the sky orange")
+    page.get_by_role("button", name="Make it").click()
+    expect(page.locator("#chain li")).to_have_count(1)
+    assert sources_of_last_task(upstream) == [url]
+    expect(page.locator("#chosen")).to_be_hidden()  # the next prompt edits the new picture, not the photo
+    make(page, "add a bird")
+    expect(page.locator("#chain li")).to_have_count(2)
+    assert sources_of_last_task(upstream) == [page.locator("#chain img").first.get_attribute("src")]
+
+
+PASTE_OR_DROP = """([kind, bytes]) => {
+  const file = new File([new Uint8Array(bytes)], "from-the-clipboard.png", {type: "image/png"});
+  const data = new DataTransfer();
+  data.items.add(file);
+  if (kind === "paste") {
+    document.getElementById("prompt").dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+  } else {
+    const drop = new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true});
+    document.getElementById("drop-zone").dispatchEvent(drop);
+  }
+}"""
+
+
+@pytest.mark.parametrize("kind", ["paste", "drop"])
+def test_a_pasted_or_dropped_photo_is_the_starting_picture(page, upstream, kind):
+    picture = png(10, 10, (250, 200, 0))
+    page.get_by_label("What should the picture show").fill("a frame around it")
+    page.evaluate(PASTE_OR_DROP, [kind, list(picture)])
+    url = chosen_photo(page)
+    assert requests.get(url, timeout=5).content == picture
+    expect(page.get_by_label("What should the picture show")).to_have_value("a frame around it")  # not pasted over
+    page.get_by_role("button", name="Make it").click()
+    expect(page.locator("#chain li")).to_have_count(1)
+    assert sources_of_last_task(upstream) == [url]
+
+
+def test_a_file_that_is_no_picture_is_refused_in_words(page, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_bytes(b"<svg xmlns='http://www.w3.org/2000/svg'></svg>")
+    page.get_by_label("Choose a photo from your device").set_input_files(fake)
+    expect(page.get_by_role("alert")).to_contain_text("not a picture the image service can use")
+    expect(page.locator("#chosen")).to_be_hidden()
+
+
+def test_the_choices_follow_the_model_and_the_upstream_receives_them(page, upstream):
+    ratio, resolution = page.get_by_label("Aspect ratio"), page.get_by_label("Resolution")
+    expect(resolution).to_be_hidden()  # Nano Banana has no resolution
+    assert "auto" not in ratio.locator("option").all_inner_texts()
+    page.get_by_label("Model").select_option("nano-banana-2")
+    expect(resolution).to_be_visible()
+    assert {"auto", "1:8", "16:9"} <= set(ratio.locator("option").all_inner_texts())
+    ratio.select_option("1:8")
+    resolution.select_option("4K")
+    make(page, "a tall tower")
+    expect(page.locator("#chain li")).to_have_count(1)
+    assert last_task(upstream).params["aspectRatio"] == "1:8" and last_task(upstream).params["resolution"] == "4K"
+
+    page.get_by_label("Model").select_option("nano-banana")  # 1:8 is not Nano Banana's: back to the model's choice
+    expect(ratio).to_have_value("")
+    ratio.select_option("16:9")
+    make(page, "make it wide")
+    expect(page.locator("#chain li")).to_have_count(2)
+    assert last_task(upstream).params["image_size"] == "16:9" and "resolution" not in last_task(upstream).params
+
+
+def last_task(upstream):
+    return max(upstream.tasks.values(), key=lambda task: task.created)
+
+
+def test_each_picture_downloads(page):
+    make(page, "a picture to keep")
+    expect(page.locator("#chain li")).to_have_count(1)
+    shown = page.locator("#result-image").get_attribute("src")
+    for link in (
+        page.get_by_role("link", name="Download this picture"),
+        page.get_by_role("link", name="Download picture 1: a picture to keep"),
+    ):
+        with page.expect_download() as download:
+            link.click()
+        with open(download.value.path(), "rb") as saved:
+            assert saved.read() == requests.get(shown, timeout=5).content
+
+
+def no_sideways_scroll(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+
+
+def test_on_a_phone_sized_screen_nothing_scrolls_sideways(browser, service, photo):
+    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        page.goto(service.url + "/")
+        assert no_sideways_scroll(page)
+        page.get_by_label("Model").select_option("nano-banana-2")
+        page.get_by_label("Choose a photo from your device").set_input_files(photo)
+        chosen_photo(page)
+        make(page, "a very-long-word-without-spaces-" * 4 + " on a phone")
+        expect(page.locator("#chain li")).to_have_count(1)
+        make(page, "and again")
+        expect(page.locator("#chain li")).to_have_count(2)
+        assert no_sideways_scroll(page)
+        for control in ("Make it", "Undo", "Start over"):
+            box = page.get_by_role("button", name=control).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 360
+    finally:
+        context.close()
+
+
+def tab_to(page, label: str) -> None:
+    """Press Tab until the control named `label` has the focus (as a person with a keyboard would)."""
+    target = (
+        page.get_by_label(label).or_(page.get_by_role("button", name=label)).or_(page.get_by_role("link", name=label))
+    )
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if target.first.evaluate("element => element === document.activeElement"):
+            return
+    raise AssertionError(f"{label!r} cannot be reached with Tab")
+
+
+def test_everything_works_with_the_keyboard_alone(page, upstream, photo):
+    tab_to(page, "Choose a photo from your device")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(photo)
+    url = chosen_photo(page)
+    expect(page.get_by_label("What should the picture show")).to_be_focused()  # ready for the change
+    page.keyboard.type("make it night")
+    tab_to(page, "Model")
+    page.keyboard.press("End")  # the last model
+    expect(page.get_by_label("Model")).to_have_value("nano-banana-2")
+    tab_to(page, "Aspect ratio")
+    page.keyboard.type("16:9")
+    expect(page.get_by_label("Aspect ratio")).to_have_value("16:9")
+    tab_to(page, "Make it")
+    page.keyboard.press("Enter")
+    expect(page.locator("#chain li")).to_have_count(1)
+    assert sources_of_last_task(upstream) == [url] and last_task(upstream).params["aspectRatio"] == "16:9"
+    tab_to(page, "Download this picture")
+    with page.expect_download() as download:
+        page.keyboard.press("Enter")
+    assert os.path.getsize(download.value.path()) > 0
+    tab_to(page, "Undo")
+    page.keyboard.press("Enter")
+    expect(page.locator("#chain li")).to_have_count(0)
+
+
+def test_an_error_is_announced_to_screen_readers(page):
+    make(page, "")
+    alert = page.get_by_role("alert")
+    expect(alert).to_have_text("Please write what the picture should show.")
+    expect(page.get_by_label("What should the picture show")).to_be_focused()
+
+
+def test_no_serious_accessibility_violations(browser, service, photo):
+    from axe_playwright_python.sync_playwright import Axe
+
+    for viewport in ({"width": 1280, "height": 900}, {"width": 360, "height": 740}):
+        context = browser.new_context(viewport=viewport)
+        try:
+            page = context.new_page()
+            page.goto(service.url + "/")
+            page.get_by_label("Choose a photo from your device").set_input_files(photo)
+            chosen_photo(page)
+            make(page, "a cat")
+            expect(page.locator("#chain li")).to_have_count(1)
+            make(page, "")  # an error showing, too
+            expect(page.get_by_role("alert")).to_be_visible()
+            violations = Axe().run(page).response["violations"]
+            serious = [f"{v['id']}: {v['help']}" for v in violations if v["impact"] in ("serious", "critical")]
+            assert serious == [], serious
+        finally:
+            context.close()
