@@ -1,28 +1,35 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Two stamps: `make run` installs only what running needs (requirements.txt); `make test` adds the test tools.
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
 .PHONY: run test bench emulator clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(VENV)/bin/python:
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	touch $(STAMP)
 
-run: $(STAMP)
+$(RUNTIME): requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(RUNTIME)
+
+$(DEV): requirements.txt requirements-dev.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(RUNTIME) $(DEV)
+
+run: $(RUNTIME)
 	$(PY) -m tools.serve
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(PY) -m tools.bench
 	$(PY) -m tools.bench --configs callbacks,sqlite-2 --requests 10000 --generation-time 12 --spread 10
 
-emulator: $(STAMP)
+emulator: $(RUNTIME)
 	$(PY) -m tools.emulator --port 9000
 
 clean:

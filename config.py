@@ -13,7 +13,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import limits
 from dotenv import dotenv_values
@@ -111,6 +110,7 @@ class Settings:
     upstream_max_running: int | None = 100  # tasks per key submitted and not yet ended; None: off
     queue_max_wait: float = 900.0  # seconds a task may wait in the queue before it fails, nothing paid
     queue_max: int = 5000  # tasks queued at most; a new generation beyond gets 503
+    demo: bool = False  # DEMO_MODE: `make run` started the bundled emulator because no key was configured
 
     @property
     def configured(self) -> bool:
@@ -141,11 +141,6 @@ class Settings:
         count, window = self.upstream_rate or (None, 1.0)
         longest = 3 * (self.connect_timeout + self.submit_read_timeout)  # the client sends one at most three times
         return Pacing(count, window, self.upstream_max_running, longest)
-
-    @property
-    def demo(self) -> bool:
-        """The upstream runs on this machine: the bundled emulator (demo mode, tests, benchmarks)."""
-        return urlsplit(self.api_base).hostname in ("127.0.0.1", "localhost", "::1")
 
     @property
     def store_name(self) -> str:
@@ -206,6 +201,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         upstream_max_running=_optional_integer(env, "UPSTREAM_MAX_RUNNING", DEFAULTS.upstream_max_running),
         queue_max_wait=_number(env, "QUEUE_MAX_WAIT", DEFAULTS.queue_max_wait, minimum=1),
         queue_max=_integer(env, "QUEUE_MAX", DEFAULTS.queue_max, minimum=1),
+        demo=_flag(env, "DEMO_MODE"),
     )
     return settings
 

@@ -229,9 +229,11 @@ def test_healthz(client):
     }
 
 
-def test_healthz_says_demo_when_the_upstream_is_the_local_emulator(make_app):
-    local = make_app(api_base="http://127.0.0.1:9000").test_client()
-    assert local.get("/healthz").json["demo"] is True
+def test_healthz_says_demo_only_when_make_run_says_so(make_app):
+    local_proxy = make_app(api_base="http://127.0.0.1:9000").test_client()  # a local address is no demo
+    assert local_proxy.get("/healthz").json["demo"] is False
+    demo = make_app(api_base="http://127.0.0.1:9000", demo=True).test_client()
+    assert demo.get("/healthz").json["demo"] is True
 
 
 def test_without_keys_generation_is_not_configured(make_app):

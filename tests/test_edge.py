@@ -20,7 +20,7 @@ import requests
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from config import BODY_TIMEOUT, REQUEST_LINE_LIMIT
-from tests.helpers import served_environ
+from tests.helpers import png, served_environ
 from tools.processes import ROOT, Service, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -235,7 +235,7 @@ def test_healthz_and_metrics_over_http(service):
         "api_keys": 1,
         "store": "sqlite",
         "store_ok": True,
-        "demo": True,
+        "demo": False,  # an emulator on this machine, but not started by `make run` for want of a key
     }
     metrics = service.get("/metrics")
     assert metrics.headers["Content-Type"] == CONTENT_TYPE_LATEST and CONTENT_TYPE_LATEST.count("charset") == 1
@@ -268,7 +268,7 @@ def test_metrics_folders_left_by_a_killed_service_are_removed_at_the_next_start(
 
 def make_run(tmp_path: Path, port: int, name: str) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("API_KEYS_")}
-    environ.update(PORT=str(port), DATABASE_PATH=str(tmp_path / "run.sqlite3"))
+    environ.update(PORT=str(port), DATABASE_PATH=str(tmp_path / "run.sqlite3"), MEDIA_DIR=str(tmp_path / "media"))
     with open(tmp_path / name, "w") as output:  # the child keeps its own copy of the file
         return subprocess.Popen(
             [sys.executable, "-m", "tools.serve"], cwd=ROOT, env=environ, stdout=output, stderr=output
@@ -290,6 +290,27 @@ def test_make_run_stops_everything_it_started_and_refuses_a_busy_port(tmp_path):
     running.send_signal(signal.SIGTERM)
     assert running.wait(timeout=60) == 0
     wait_until(lambda: not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], timeout=30)
+
+
+def test_make_run_without_a_key_is_a_demo_whose_pictures_come_by_callback(tmp_path):
+    port = free_port()
+    running = make_run(tmp_path, port, "demo.log")
+    try:
+        wait_until(lambda: _answers(port), timeout=30)
+        service = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{service}/healthz", timeout=5).json()["demo"] is True
+        body = requests.get(f"{service}/nanobanana", params={"prompt": "a cat"}, timeout=30).json()
+        assert body["status"] == "success"
+        emulated = requests.get(f"http://127.0.0.1:{port + 1}/emulator/tasks", timeout=5).json()
+        assert emulated[body["upstream_task_id"]]["polls"] == 0  # the emulator called back: nobody had to ask
+        upload = requests.post(
+            f"{service}/nanobanana/uploads", data=png(), headers={"Content-Type": "image/png"}, timeout=10
+        )
+        assert upload.status_code == 201 and upload.json()["url"].startswith(f"{service}/media/")
+    finally:
+        running.send_signal(signal.SIGTERM)
+        running.wait(timeout=60)
+    assert "calls the service back" in (tmp_path / "demo.log").read_text()
 
 
 def _answers(port: int) -> bool:

@@ -397,7 +397,10 @@ SCHEMAS = {
             "api_keys": {"type": "integer", "minimum": 0},
             "store": {"enum": ["sqlite", "redis"]},
             "store_ok": {"type": "boolean"},
-            "demo": {"type": "boolean", "description": "The upstream is the bundled emulator"},
+            "demo": {
+                "type": "boolean",
+                "description": "Demo mode: `make run` started the bundled emulator because no key was configured",
+            },
         },
     },
     "Callback": {
