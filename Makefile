@@ -9,8 +9,9 @@ DEV := $(VENV)/.installed-dev
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
+# --no-compile: the modules the service imports are compiled on first use, not every module of every package.
 $(RUNTIME): requirements.txt | $(VENV)/bin/python
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt
 	touch $(RUNTIME)
 
 $(DEV): requirements.txt requirements-dev.txt | $(VENV)/bin/python
