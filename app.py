@@ -104,7 +104,7 @@ def build_parts(settings, metrics, session, store, webhook_session, media_sessio
     store = store or open_store(settings)
     background = Background()
     media = open_media(settings, media_session)
-    uploaded = Uploads(store, media or local_media(settings, media_session), settings.history_ttl)
+    uploaded = Uploads(store, media or local_media(settings, media_session), settings.history_ttl, background)
     conversations = Conversations(store, media, background)
     channels: dict[str, Channel] = {}
     if settings.webhook_secret:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 KEEPER_EVERY = 1.0  # seconds between two renewals (and take-over sweeps)
 PURGE_EVERY = 60.0
 TAKE_OVER_BATCH = 500
+UPLOADS_PER_PURGE = 500  # removed by one purge (in the background); the rest wait for the next
 
 
 class Keeper:
@@ -68,7 +69,7 @@ class Keeper:
                 self._next_purge = now + PURGE_EVERY
                 if dropped:
                     self.expired(dropped)
-                if uploads := self.store.expired_uploads(now):
+                if uploads := self.store.expired_uploads(now, UPLOADS_PER_PURGE):
                     self.uploads_expired(uploads)
             if self._store_away:
                 log.info("the store is back")

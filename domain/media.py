@@ -150,13 +150,13 @@ class LocalMedia(Media):
         self.folder = folder
         self.prefix = f"{base_url.rstrip('/')}/media/"
         self.reachable = reachable
-        os.makedirs(folder, exist_ok=True)
 
     def path(self, name: str) -> str | None:
         """The file of a copy, if `name` is one of ours."""
         return os.path.join(self.folder, name) if NAME.fullmatch(name) else None
 
     def _put(self, name: str, content: IO[bytes], content_type: str) -> str:
+        os.makedirs(self.folder, exist_ok=True)  # on the first write: a service that keeps nothing needs no folder
         partial = os.path.join(self.folder, f".{name}.partial")
         with open(partial, "wb") as file:
             while chunk := content.read(64 * 1024):

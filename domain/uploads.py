@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
+from background import Background
 from domain.media import Media, upload_type
 from errors import NotAPicture, StoreUnavailable, UploadsUnavailable
 from stores.interface import Store
@@ -28,11 +29,20 @@ class Upload:
 
 
 class Uploads:
-    def __init__(self, store: Store, media: Media, lifetime: float, clock: Callable[[], float] = time.time):
-        """`lifetime`: seconds an upload is kept after it was sent or last used."""
+    def __init__(
+        self,
+        store: Store,
+        media: Media,
+        lifetime: float,
+        background: Background | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        """`lifetime`: seconds an upload is kept after it was sent or last used. Removals go as `background` work
+        when it is given (the keeper, which finds them, must not wait for a bucket)."""
         self.store = store
         self.media = media
         self.lifetime = lifetime
+        self.background = background
         self.clock = clock
 
     def check_usable(self) -> None:
@@ -65,5 +75,9 @@ class Uploads:
 
     def drop(self, urls: list[str]) -> None:
         """Remove uploads whose time ran out."""
+        if self.background is None or not self.background.spawn(self._remove, urls):
+            self._remove(urls)
+
+    def _remove(self, urls: list[str]) -> None:
         self.media.delete(urls)
         log.info("removed %d upload(s) nobody used in time", len(urls))

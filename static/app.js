@@ -82,12 +82,21 @@ function picture(url, caption, number) {
   const text = document.createElement("figcaption");
   text.textContent = caption;
   const download = document.createElement("a");
-  download.href = url;
-  download.download = "";
+  downloadLink(download, url);
   download.textContent = "Download";
   download.setAttribute("aria-label", "Download picture " + number + ": " + caption);
   figure.append(image, text, download);
   return figure;
+}
+
+// A browser saves a picture of this page's own origin (a copy under /media/); one kept elsewhere (the image
+// service, a bucket) it can only show, so that one opens in a new tab, where it can be saved.
+function downloadLink(link, url) {
+  link.href = url;
+  link.download = "";
+  const elsewhere = new URL(url, location.href).origin !== location.origin;
+  link.target = elsewhere ? "_blank" : "";
+  link.rel = elsewhere ? "noopener" : "";
 }
 
 function editButton(step, number) {
@@ -127,7 +136,7 @@ function render() {
     $("result-image").src = last.image_url;
     $("result-image").alt = last.prompt;
     $("result-caption").textContent = last.prompt;
-    $("result-download").href = last.image_url;
+    downloadLink($("result-download"), last.image_url);
   }
 }
 

@@ -158,8 +158,8 @@ class Uploads(Protocol):
     def renew_upload(self, url: str, until: float) -> None:
         """Keep an upload longer (it is used); nothing if `url` is no upload (a lasting copy, say)."""
 
-    def expired_uploads(self, now: float) -> list[str]:
-        """The addresses of the uploads whose time ran out, each named once, and forgotten."""
+    def expired_uploads(self, now: float, limit: int) -> list[str]:
+        """The addresses of up to `limit` uploads whose time ran out, each named once, and forgotten."""
 
 
 class Store(Chains, Ledger, Queue, Outbox, Followers, WakeUps, Seen, Uploads, Protocol):

@@ -297,6 +297,13 @@ return last[1]
 """
 # KEYS: expiring (conversations by when they expire); ARGV: prefix, until, limit. Ends the conversations that
 # expire by `until` a little before Redis would, so that their pictures are known; returns those pictures.
+# Uploads whose time ran out, taken and forgotten in one step: each named to one process, once.
+_EXPIRE_UPLOADS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+
 _EXPIRE = """
 local dropped = {}
 for _, conversation in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))) do
@@ -381,6 +388,7 @@ class RedisStore:
         self._forget = self._script(_FORGET)
         self._undo = self._script(_UNDO)
         self._expire = self._script(_EXPIRE)
+        self._expire_uploads = self.redis.register_script(_EXPIRE_UPLOADS)
         self._take_over = self._script(_TAKE_OVER)
         self._due_deliveries = self._script(_DUE_DELIVERIES)
         self._delivery_attempted = self._script(_DELIVERY_ATTEMPTED)
@@ -485,14 +493,8 @@ class RedisStore:
     def renew_upload(self, url: str, until: float) -> None:
         self._call(self.redis.zadd, self._key("uploads"), {url: until}, xx=True)
 
-    def expired_uploads(self, now: float) -> list[str]:
-        def take() -> list[str]:
-            with self.redis.pipeline(transaction=True) as pipe:  # named and forgotten at once: named once
-                pipe.zrangebyscore(self._key("uploads"), "-inf", now)
-                pipe.zremrangebyscore(self._key("uploads"), "-inf", now)
-                return pipe.execute()[0]
-
-        return self._call(take)
+    def expired_uploads(self, now: float, limit: int) -> list[str]:
+        return self._call(self._expire_uploads, keys=[self._key("uploads")], args=[now, limit])
 
     # -- the queue ---------------------------------------------------------------------------
 

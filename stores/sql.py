@@ -243,9 +243,13 @@ class SqlStore:
     def renew_upload(self, url: str, until: float) -> None:
         self.database.run("UPDATE uploads SET until = ? WHERE url = ?", (until, url))
 
-    def expired_uploads(self, now: float) -> list[str]:
+    def expired_uploads(self, now: float, limit: int) -> list[str]:
         with self.database.transaction() as db:
-            rows = db.execute("DELETE FROM uploads WHERE until <= ? RETURNING url", (now,)).fetchall()
+            rows = db.execute(
+                "DELETE FROM uploads WHERE url IN (SELECT url FROM uploads WHERE until <= ? ORDER BY until LIMIT ?) "
+                "RETURNING url",
+                (now, limit),
+            ).fetchall()
         return [row["url"] for row in rows]
 
     # -- the queue ---------------------------------------------------------------------------

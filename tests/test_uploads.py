@@ -67,7 +67,7 @@ def test_what_is_not_a_photo_is_refused_with_415(uploading, content, tmp_path):
     assert (
         answer.json["error"]["code"] == "not_a_picture" and "PNG, JPEG, WebP or GIF" in answer.json["error"]["message"]
     )
-    assert not os.listdir(tmp_path / "media")
+    assert not os.path.exists(tmp_path / "media") or not os.listdir(tmp_path / "media")
 
 
 def test_a_body_of_another_kind_is_told_how_to_send_a_photo(uploading):
@@ -119,6 +119,17 @@ def test_uploads_and_generations_count_against_one_rate_limit(make_app, tmp_path
     assert upload_form(client, png(), user_id="bob").status_code == 201  # each person has their own
 
 
+def test_a_new_user_id_for_each_upload_gains_nothing(make_app, tmp_path):
+    client = make_app(public_base_url=PUBLIC, media_dir=str(tmp_path / "m"), rate_limit="2/minute").test_client()
+    assert [upload_form(client, png(), user_id=f"u{n}").status_code for n in range(3)] == [201, 201, 429]
+
+
+def test_refused_uploads_do_not_count_against_the_limit(make_app, tmp_path):
+    client = make_app(media_dir=str(tmp_path / "m"), rate_limit="2/minute").test_client()  # uploads cannot work
+    assert [upload_form(client, png(), user_id="dee").status_code for _ in range(3)] == [503] * 3
+    assert client.get("/nanobanana", query_string={"prompt": "a cat", "user_id": "dee"}).status_code == 200
+
+
 def test_an_upload_is_the_picture_an_edit_starts_from(make_app, tmp_path, emulated):
     client = make_app(public_base_url=PUBLIC, media_dir=str(tmp_path / "media")).test_client()
     url = upload_form(client, png()).json["url"]
@@ -136,15 +147,23 @@ def kept(store, clock, tmp_path):
     return Uploads(store, media, lifetime=3600, clock=clock), store, clock, media
 
 
+def test_a_purge_takes_a_batch_of_expired_uploads_the_earliest_first(store, clock):
+    for n in range(5):
+        store.keep_upload(f"{PUBLIC}/media/{n}.png", clock.now + n)
+    clock.now += 10
+    assert set(store.expired_uploads(clock.now, 3)) == {f"{PUBLIC}/media/{n}.png" for n in range(3)}
+    assert set(store.expired_uploads(clock.now, 3)) == {f"{PUBLIC}/media/{n}.png" for n in (3, 4)}
+
+
 def test_an_unused_upload_is_removed_when_its_time_runs_out(kept):
     uploads, store, clock, media = kept
     upload = uploads.take(io.BytesIO(png()), len(png()))
     path = media.path(upload.url.rsplit("/", 1)[1])
     clock.now += 3599
-    assert store.expired_uploads(clock.now) == []
+    assert store.expired_uploads(clock.now, 100) == []
     clock.now += 2
-    expired = store.expired_uploads(clock.now)
-    assert expired == [upload.url] and store.expired_uploads(clock.now) == []  # named once
+    expired = store.expired_uploads(clock.now, 100)
+    assert expired == [upload.url] and store.expired_uploads(clock.now, 100) == []  # named once
     uploads.drop(expired)
     assert not os.path.exists(path)
 
@@ -155,9 +174,9 @@ def test_each_use_keeps_an_upload_longer_and_a_lasting_copy_is_never_taken_for_o
     clock.now += 3000
     uploads.used([upload.url, f"{PUBLIC}/media/{'c' * 32}.png", "https://elsewhere.example/x.png"])
     clock.now += 3000
-    assert store.expired_uploads(clock.now) == []
+    assert store.expired_uploads(clock.now, 100) == []
     clock.now += 601
-    assert store.expired_uploads(clock.now) == [upload.url]  # the copy and the stranger's address were never kept
+    assert store.expired_uploads(clock.now, 100) == [upload.url]  # the copy and the stranger's address were never kept
 
 
 # -- over real HTTP, under gunicorn ---------------------------------------------------------------------------------

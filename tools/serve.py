@@ -60,7 +60,7 @@ def main() -> None:
         if demo:
             emulator_base = f"http://127.0.0.1:{settings.port + 1}"
             started.append(subprocess.Popen(emulator_command(settings)))
-            env.update(demo_environment(settings.port, emulator_base))
+            env.update(demo_environment(settings, emulator_base))
             webhooks = ""
             if not settings.webhook_secret:  # so that callback_url can be tried in demo mode too
                 env["WEBHOOK_SECRET"] = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -79,15 +79,15 @@ def main() -> None:
     sys.exit(code)
 
 
-def demo_environment(port: int, emulator_base: str) -> dict[str, str]:
-    """The service's settings in demo mode: the emulator's key and address, said to be a demo, and this machine's
-    own address as the public one, so the emulator calls back the moment a picture is ready (and can fetch
-    uploads), instead of the service polling every 2 seconds."""
+def demo_environment(settings, emulator_base: str) -> dict[str, str]:
+    """The service's settings in demo mode: the emulator's key and address, said to be a demo, and (unless a public
+    address is set) this machine's own as the public one, so the emulator calls back the moment a picture is
+    ready (and can fetch uploads), instead of the service polling every 2 seconds."""
     return {
         "API_KEYS_1": "demo-key",
         "NANOBANANA_API_BASE": emulator_base,
         "DEMO_MODE": "1",
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "PUBLIC_BASE_URL": settings.public_base_url or f"http://127.0.0.1:{settings.port}",
     }
 
 

@@ -34,7 +34,7 @@ OPEN_ENDPOINTS = {  # CONTRACT §5: every other route needs a token when ACCESS_
 }
 LIMITED_ENDPOINTS = (GENERATE_ENDPOINT, UPLOAD_ENDPOINT)  # RATE_LIMIT counts these
 # Answers that spent nothing upstream, though they are 5xx: they do not count against RATE_LIMIT.
-NOTHING_SPENT = ("not_configured", "store_unavailable", "internal_error")
+NOTHING_SPENT = ("not_configured", "store_unavailable", "internal_error", "uploads_unavailable")
 
 RequestValues = Callable[[], Mapping[str, Sequence[str]]]
 
@@ -151,7 +151,7 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, store
             user_id = None
         if user_id:
             return f"user:{conversation_key(g.get('owner', ''), user_id)}"
-        return f"address:{request.remote_addr}"
+        return address_key()
 
     storage_uri, storage_options = counters(settings, store)
     limiter = Limiter(
@@ -172,6 +172,13 @@ def init_rate_limit(app: Flask, settings: Settings, values: RequestValues, store
         limited = limiter.shared_limit(settings.rate_limit, scope="pictures", deduct_when=counts_against_limit)
         for endpoint in LIMITED_ENDPOINTS:
             app.view_functions[endpoint] = limited(app.view_functions[endpoint])
+        # An upload costs room, not credits: counted per address too, so a new user_id each time gains nothing.
+        per_address = limiter.limit(settings.rate_limit, key_func=address_key, deduct_when=counts_against_limit)
+        app.view_functions[UPLOAD_ENDPOINT] = per_address(app.view_functions[UPLOAD_ENDPOINT])
+
+
+def address_key() -> str:
+    return f"address:{request.remote_addr}"
 
 
 def limit_spender(app: Flask, settings: Settings) -> Callable[[str], bool]:

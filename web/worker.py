@@ -44,7 +44,10 @@ LINGER_SECONDS = 1.0  # after an error, read what the client still sends, so it 
 class BodyTimeout(RequestTimeout):
     """The body did not arrive in time: the app answers 408 (werkzeug would call an OSError a disconnect)."""
 
-    description = f"The request body did not arrive within {BODY_TIMEOUT:g} seconds. Please send it again, all at once."
+    def __init__(self, seconds: float = BODY_TIMEOUT):
+        super().__init__(
+            f"The request body did not arrive within {seconds:g} seconds. Please send it again, all at once."
+        )
 
 
 class MalformedBody(BadRequest):
@@ -65,20 +68,21 @@ class BodyReader:
     gunicorn closes the connection after any of them, since where the next request starts is unknown.
     """
 
-    def __init__(self, reader, deadline: float, limit: int = MAX_BODY_BYTES):
+    def __init__(self, reader, seconds: float = BODY_TIMEOUT, limit: int = MAX_BODY_BYTES):
         self.reader = reader
-        self.deadline = deadline
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
         self.limit = limit
         self.read_so_far = 0
 
     def read(self, size):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise BodyTimeout()
+            raise BodyTimeout(self.seconds)
         # A read that reaches the limit asks for one byte more: if it comes, the body is too long.
         reaches_limit = size is not None and size >= 0 and self.read_so_far + size >= self.limit
         try:
-            with gevent.Timeout(remaining, BodyTimeout):
+            with gevent.Timeout(remaining, BodyTimeout(self.seconds)):
                 data = self.reader.read(size + 1 if reaches_limit else size)
         except errors.ParseException:
             raise MalformedBody() from None
@@ -110,7 +114,7 @@ class ServiceRequest(Request):
             limit, seconds = self.upload_limit + UPLOAD_FORM_ROOM, UPLOAD_BODY_TIMEOUT
         else:
             limit, seconds = MAX_BODY_BYTES, BODY_TIMEOUT
-        self.body.reader = BodyReader(self.body.reader, time.monotonic() + seconds, limit)
+        self.body.reader = BodyReader(self.body.reader, seconds, limit)
 
 
 class Worker(GeventWorker):
