@@ -300,7 +300,7 @@ def test_make_run_without_a_key_is_a_demo_whose_pictures_come_by_callback(tmp_pa
         service = f"http://127.0.0.1:{port}"
         assert requests.get(f"{service}/healthz", timeout=5).json()["demo"] is True
         body = requests.get(f"{service}/nanobanana", params={"prompt": "a cat"}, timeout=30).json()
-        assert body["status"] == "success"
+        assert body["status"] == "success" and body["image_url"].startswith(f"{service}/media/")  # downloadable
         emulated = requests.get(f"http://127.0.0.1:{port + 1}/emulator/tasks", timeout=5).json()
         assert emulated[body["upstream_task_id"]]["polls"] == 0  # the emulator called back: nobody had to ask
         upload = requests.post(

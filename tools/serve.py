@@ -22,7 +22,8 @@ DEMO_BANNER = """
   to the bundled offline emulator at {emulator}.
   Pictures are placeholders that show their prompt. Nothing is paid for.
   The emulator calls the service back the moment a picture is ready,
-  so an answer comes as soon as its picture (3 seconds here).
+  so an answer comes as soon as its picture (3 seconds here). Pictures
+  are copied to the service's own folder (MEDIA_STORE=local).
   Put API_KEYS_1=... in .env to use the real NanoBanana API.
 
   Open http://127.0.0.1:{port}/ to try it in your browser, or
@@ -80,14 +81,16 @@ def main() -> None:
 
 
 def demo_environment(settings, emulator_base: str) -> dict[str, str]:
-    """The service's settings in demo mode: the emulator's key and address, said to be a demo, and (unless a public
-    address is set) this machine's own as the public one, so the emulator calls back the moment a picture is
-    ready (and can fetch uploads), instead of the service polling every 2 seconds."""
+    """The service's settings in demo mode: the emulator's key and address, said to be a demo; unless the owner set
+    them, this machine's own address as the public one, so the emulator calls back the moment a picture is ready
+    (and can fetch uploads) instead of the service polling every 2 seconds, and pictures copied to the local
+    folder, so the page's Download links save them (a browser saves only what comes from the page's own origin)."""
     return {
         "API_KEYS_1": "demo-key",
         "NANOBANANA_API_BASE": emulator_base,
         "DEMO_MODE": "1",
         "PUBLIC_BASE_URL": settings.public_base_url or f"http://127.0.0.1:{settings.port}",
+        "MEDIA_STORE": settings.media_store or "local",
     }
 
 
