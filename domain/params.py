@@ -297,6 +297,12 @@ def parse_format(values: Values) -> str:
     return fmt
 
 
+def parse_status_wait(values: Values, polling_window: float) -> float:
+    """Seconds a status read may wait for its task to end: none unless asked (a long poll), at most the window."""
+    raw = (_first(values, "wait") or "").strip()
+    return _seconds(raw, polling_window) if raw else 0.0
+
+
 def parse_user_id(values: Values) -> str | None:
     """The conversation's name, 1 to MAX_USER_ID characters; blank means none."""
     user_id = (_first(values, *FIELD["user_id"].names) or "").strip()

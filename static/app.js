@@ -3,7 +3,8 @@
 "use strict";
 
 const KEYS = { user: "nanobanana.userId", token: "nanobanana.token" };
-const POLL_EVERY_MS = 2000;
+const POLL_EVERY_MS = 2000; // while a picture waits in line
+const LONG_POLL_SECONDS = 25; // while it is being made: the answer comes when it is ready
 const FIRST_WAIT_SECONDS = 3; // the first answer comes back soon, to say whether the picture waits in line
 const GIVE_UP_AFTER_MS = 5 * 60 * 1000;
 
@@ -140,7 +141,8 @@ function render() {
   }
 }
 
-// Ask the service, then follow status_url while the picture waits in line or is being made.
+// Ask the service, then follow status_url: every few seconds while the picture waits in line (to show its
+// place), and while it is being made with a long poll, which the service answers the moment it is ready.
 async function generate(body, waiting) {
   const started = Date.now();
   let answer = await fetch("/nanobanana", {
@@ -151,8 +153,10 @@ async function generate(body, waiting) {
   let data = await readJson(answer);
   while (answer.status === 202 && Date.now() - started < GIVE_UP_AFTER_MS) {
     waiting.update(data);
-    await new Promise((resolve) => setTimeout(resolve, POLL_EVERY_MS));
-    answer = await fetch(data.status_url, { headers: authHeaders() });
+    const next = new URL(data.status_url, location.href);
+    if (data.queue_position) await new Promise((resolve) => setTimeout(resolve, POLL_EVERY_MS));
+    else next.searchParams.set("wait", String(LONG_POLL_SECONDS));
+    answer = await fetch(next, { headers: authHeaders() });
     data = await readJson(answer);
   }
   return { status: answer.status, data };

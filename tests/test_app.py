@@ -174,6 +174,16 @@ def test_task_status_asks_upstream_at_most_once_per_interval(make_app, emulated)
     assert emulated.polls_of(pending["upstream_task_id"]) == 1
 
 
+def test_a_status_read_with_wait_answers_the_moment_the_picture_is_ready(client):
+    pending = generate(client, prompt="[delay=0.5] a cat", wait="0").json
+    url = f"/nanobanana/tasks/{pending['task_id']}"
+    assert client.get(url).status_code == 202  # at once, as ever, without wait
+    answer = client.get(url, query_string={"wait": "20"})
+    assert answer.status_code == 200 and answer.json["status"] == "success"
+    assert answer.json["elapsed_seconds"] < 20  # it came when the picture did, not at the end of the wait
+    assert client.get(url, query_string={"wait": "soon"}).status_code == 400
+
+
 def test_failed_task_status_is_502(client):
     task_id = generate(client, prompt="[fail] [delay=0.1] a cat", wait="0").json["task_id"]
     answer = wait_until(lambda: (r := client.get(f"/nanobanana/tasks/{task_id}")).status_code != 202 and r)

@@ -7,7 +7,8 @@ import time
 from flask import Blueprint, g, request
 from werkzeug.exceptions import MethodNotAllowed
 
-from domain.params import parse_format, parse_generation
+from domain.params import parse_format, parse_generation, parse_status_wait
+from domain.waiting import WAITING
 from errors import ServiceError, UnknownTask
 from web.inputs import request_values
 from web.parts import parts
@@ -39,11 +40,15 @@ def generate():
 
 @bp.get("/nanobanana/tasks/<task_id>")
 def task_status(task_id: str):
-    g.response_format = parse_format(request_values())
+    values = request_values()
+    g.response_format = parse_format(values)
+    wait = parse_status_wait(values, parts().settings.polling_window)
     lifecycle = parts().lifecycle
     record = lifecycle.task(task_id, g.owner)
     if record is None:
         raise UnknownTask()
+    if wait and record.state in WAITING:  # a long poll: the answer comes the moment the task ends
+        record = lifecycle.wait(record, wait)
     elapsed = (record.completed_at or time.time()) - record.created_at
     return render_task(record, elapsed, lifecycle.queue_position(record))
 

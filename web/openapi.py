@@ -460,6 +460,13 @@ def document(server_url: str, tokens_required: bool) -> dict:
                 "parameters": [
                     {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}},
                     format_parameter(),
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "schema": {"type": "number", "minimum": 0},
+                        "description": "A long poll: seconds to wait for the task to end (clamped to the polling "
+                        "window); without it the answer comes at once",
+                    },
                 ],
                 "security": guarded,
                 "responses": TASK_RESPONSES,
