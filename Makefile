@@ -7,7 +7,7 @@ DEV := $(VENV)/.installed-dev
 .PHONY: run test bench emulator clean
 
 $(VENV)/bin/python:
-	python3 -m venv $(VENV)
+	python3 -m venv $(VENV) || { rm -rf $(VENV); exit 1; }
 
 # --no-compile: the modules the service imports are compiled on first use, not every module of every package.
 $(RUNTIME): requirements.txt | $(VENV)/bin/python

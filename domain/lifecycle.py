@@ -177,8 +177,12 @@ class Lifecycle:
         return self.waiting.until_ended(record, deadline, following)
 
     def wait(self, record: TaskRecord, seconds: float) -> TaskRecord:
-        """Wait up to `seconds` more for a task to end; the task as it stands then."""
-        return self.waiting.until_ended(record, time.monotonic() + seconds)
+        """Wait up to `seconds` more for a task to end; the task as it stands then (a refused submission is a
+        failed task here: the refusal itself is the answer of the request that made it)."""
+        try:
+            return self.waiting.until_ended(record, time.monotonic() + seconds)
+        except NanoBananaError:
+            return self.store.task(record.task_id) or record
 
     def cancel(self, task_id: str, owner: str = "") -> TaskRecord | None:
         """Cancel a queued task of this owner (it is never submitted); AlreadySubmitted once it has left the queue."""

@@ -137,11 +137,13 @@ class Waiting:
         return following.record
 
     def _until_ended_in_store(self, record: TaskRecord, deadline: float) -> TaskRecord:
-        """Wait for a task another process follows: its end is in the store, and a notification says when."""
+        """Wait for a task another process follows: its end is in the store, and a notification says when (looked up
+        every WATCH_EVERY seconds too, in case a notification was lost)."""
         with self.store.listen(record.task_id) as woken:
             current = self.store.task(record.task_id) or record
-            while current.state in WAITING and woken.wait(max(0.0, deadline - time.monotonic())):
-                woken.clear()
+            while current.state in WAITING and (left := deadline - time.monotonic()) > 0:
+                if woken.wait(min(left, WATCH_EVERY)):
+                    woken.clear()
                 current = self.store.task(record.task_id) or current
         return current
 

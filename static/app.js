@@ -26,7 +26,10 @@ const editingNote = $("editing");
 let chain = [];
 let editFrom = null; // the task_id of an earlier picture chosen with "Edit this one"
 let chosenPhoto = null; // the address of the photo uploaded to start from
+let photoTurn = 0; // each photo chosen (or removed) takes a turn: a photo still uploading when its turn is over is dropped
+let uploading = false;
 const statusLine = $("status");
+const clock = $("clock"); // the seconds while a picture is made: shown, not read out every second
 const errorLine = $("error");
 
 function newUserId() {
@@ -93,11 +96,20 @@ function picture(url, caption, number) {
 // A browser saves a picture of this page's own origin (a copy under /media/); one kept elsewhere (the image
 // service, a bucket) it can only show, so that one opens in a new tab, where it can be saved.
 function downloadLink(link, url) {
-  link.href = url;
+  link.href = onThisPage(url);
   link.download = "";
-  const elsewhere = new URL(url, location.href).origin !== location.origin;
+  const elsewhere = new URL(link.href, location.href).origin !== location.origin;
   link.target = elsewhere ? "_blank" : "";
   link.rel = elsewhere ? "noopener" : "";
+}
+
+// The service names its own files by its public address; on this machine that may be 127.0.0.1 while the page
+// was opened as localhost (or the other way round): the same port on a loopback name is this page's own.
+function onThisPage(url) {
+  const target = new URL(url, location.href);
+  const loopback = (host) => ["127.0.0.1", "localhost", "[::1]"].includes(host);
+  const sameMachine = loopback(target.hostname) && loopback(location.hostname) && target.port === location.port;
+  return target.origin !== location.origin && sameMachine ? target.pathname : target.href;
 }
 
 function editButton(step, number) {
@@ -111,6 +123,8 @@ function editButton(step, number) {
 }
 
 function chooseToEdit(step, number) {
+  forgetPhoto(); // the earlier picture is the one to start from now
+  imageUrlBox.value = "";
   editFrom = step.task_id;
   editingNote.textContent = "Your next prompt edits picture " + number + " (" + (step.prompt || "") + ").";
   editingNote.hidden = false;
@@ -153,7 +167,7 @@ async function generate(body, waiting) {
   let data = await readJson(answer);
   while (answer.status === 202 && Date.now() - started < GIVE_UP_AFTER_MS) {
     waiting.update(data);
-    const next = new URL(data.status_url, location.href);
+    const next = new URL("/nanobanana/tasks/" + encodeURIComponent(data.task_id), location.href);
     if (data.queue_position) await new Promise((resolve) => setTimeout(resolve, POLL_EVERY_MS));
     else next.searchParams.set("wait", String(LONG_POLL_SECONDS));
     answer = await fetch(next, { headers: authHeaders() });
@@ -172,10 +186,9 @@ function waitingDisplay() {
   let place = null;
   let since = Date.now();
   const tick = () => {
-    const seconds = Math.floor((Date.now() - since) / 1000);
-    statusLine.textContent = place
-      ? ordinal(place) + " in line for the image service…"
-      : "Making your picture… " + seconds + " s";
+    const words = place ? ordinal(place) + " in line for the image service…" : "Making your picture…";
+    if (statusLine.textContent !== words) statusLine.textContent = words; // announced when it changes only
+    clock.textContent = place ? "" : Math.floor((Date.now() - since) / 1000) + " s";
   };
   tick();
   const timer = setInterval(tick, 1000);
@@ -190,6 +203,7 @@ function waitingDisplay() {
     },
     stop() {
       clearInterval(timer);
+      clock.textContent = "";
       cancelButton.hidden = true;
     },
   };
@@ -222,7 +236,12 @@ async function readJson(answer) {
 
 async function make(event) {
   event.preventDefault();
+  if (submitButton.disabled) return; // Ctrl+Enter while a picture is on its way
   clearError();
+  if (uploading) {
+    showError("Your photo is still being sent. Please press Make it again in a moment.");
+    return;
+  }
   const prompt = promptBox.value.trim();
   if (!prompt) {
     showError("Please write what the picture should show.");
@@ -233,7 +252,8 @@ async function make(event) {
   if (aspectRatioBox.value) body.aspect_ratio = aspectRatioBox.value;
   if (resolutionBox.value && !resolutionBox.disabled) body.resolution = resolutionBox.value;
   const imageUrl = imageUrlBox.value.trim();
-  if (chosenPhoto) body.image_url = chosenPhoto;
+  const photo = chosenPhoto;
+  if (photo) body.image_url = photo;
   else if (imageUrl) body.image_url = imageUrl;
   else if (editFrom) body.from_task = editFrom;
 
@@ -244,9 +264,10 @@ async function make(event) {
     if (status === 200) {
       editFrom = null;
       await loadChain();
-      promptBox.value = "";
-      imageUrlBox.value = "";
-      forgetPhoto();
+      // what was sent is used up; what was typed or chosen meanwhile stays for the next picture
+      if (promptBox.value.trim() === prompt) promptBox.value = "";
+      if (imageUrlBox.value.trim() === imageUrl) imageUrlBox.value = "";
+      if (photo && chosenPhoto === photo) forgetPhoto();
       statusLine.textContent = "Done in " + Math.round(data.elapsed_seconds) + " s. Describe a change to edit it.";
     } else if (status === 410) {
       statusLine.textContent = "Cancelled. Nothing was charged.";
@@ -302,7 +323,7 @@ async function undo() {
     chain = data.chain;
     render();
     statusLine.textContent = chain.length
-      ? "Went back one step. The next prompt edits this picture."
+      ? "Went back one step." + (chosenPhoto || imageUrlBox.value.trim() ? "" : " The next prompt edits this picture.")
       : "Went back to the start. The next picture begins a new conversation.";
   } catch (_) {
     showError("The service could not be reached. Please check your connection and try again.");
@@ -336,6 +357,8 @@ async function choosePhoto(file) {
     return;
   }
   statusLine.textContent = "Sending your photo…";
+  const turn = ++photoTurn;
+  uploading = true;
   const form = new FormData();
   form.append("file", file);
   try {
@@ -345,6 +368,7 @@ async function choosePhoto(file) {
       body: form,
     });
     const data = await readJson(answer);
+    if (turn !== photoTurn) return; // removed, or another photo chosen, while this one was on its way
     if (!answer.ok) {
       statusLine.textContent = "";
       showError((data.error && data.error.message) || "The photo could not be sent (HTTP " + answer.status + ").");
@@ -357,17 +381,22 @@ async function choosePhoto(file) {
     statusLine.textContent = "";
     showError("The service could not be reached. Please check your connection and try again.");
   } finally {
+    if (turn === photoTurn) uploading = false;
     photoInput.value = "";
   }
 }
 
 function showPhoto(url) {
   chosenPhoto = url;
+  editFrom = null; // the photo is the one to start from now
+  editingNote.hidden = true;
   $("chosen-image").src = url;
   $("chosen").hidden = false;
 }
 
 function forgetPhoto() {
+  photoTurn += 1; // a photo still on its way is no longer wanted
+  uploading = false;
   chosenPhoto = null;
   $("chosen").hidden = true;
   $("chosen-image").removeAttribute("src");

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from app import start_background, stop_background
+from background import Background
+from domain import waiting
 from domain.params import parse_generation
+from stores.records import TaskRecord, TaskState
 from tests.helpers import emulated_upstream
 from tools.processes import wait_until
 
@@ -130,3 +136,34 @@ def test_stopping_answers_whoever_waits_with_the_task_as_it_stands(make_app, emu
         stop_background(app)  # as gunicorn's worker_exit does
     assert [answer.state for answer in answers] == ["pending"]
     assert "still under way" not in caplog.text  # answered first, so the stop did not wait its time out for it
+
+
+# -- waiting for a task another process follows ---------------------------------------------------------------
+
+
+class QuietStore:
+    """A store whose notifications never arrive (lost while Redis or PostgreSQL reconnected): an end is only in
+    its records."""
+
+    def __init__(self, record):
+        self.record = record
+
+    def on_notify(self, callback) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def listen(self, task_id):
+        yield threading.Event()
+
+    def task(self, task_id):
+        return self.record
+
+
+def test_a_long_poll_sees_an_end_whose_notification_was_lost(monkeypatch):
+    monkeypatch.setattr(waiting, "WATCH_EVERY", 0.05)
+    pending = TaskRecord("t-quiet", "", None, None, "text-to-image", (), False, time.time(), state=TaskState.PENDING)
+    store = QuietStore(pending)
+    watcher = waiting.Waiting(store, Background(), lambda watch, when: None)
+    threading.Timer(0.3, lambda: setattr(store, "record", replace(pending, state=TaskState.SUCCESS))).start()
+    ended = watcher.until_ended(pending, time.monotonic() + 5)
+    assert ended.state == TaskState.SUCCESS  # seen in the records, before the wait ran out

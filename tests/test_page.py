@@ -113,7 +113,8 @@ def test_a_prompt_shows_a_picture_and_the_next_one_edits_it(page, upstream, serv
 
 def test_elapsed_seconds_show_while_waiting(page):
     make(page, "[delay=2] a slow snail")
-    expect(page.locator("#status")).to_contain_text("Making your picture… 1 s", timeout=5000)
+    expect(page.locator("#status")).to_have_text("Making your picture…", timeout=5000)
+    expect(page.locator("#clock")).to_have_text("1 s", timeout=5000)  # shown, and not read out every second
     expect(page.locator("#chain li")).to_have_count(1, timeout=10000)
     expect(page.locator("#status")).to_contain_text("Done in")
 
@@ -428,3 +429,47 @@ def test_no_serious_accessibility_violations(browser, service, photo):
             assert serious == [], serious
         finally:
             context.close()
+
+
+def test_the_page_opened_as_localhost_follows_and_downloads_its_pictures(browser, service):
+    context = browser.new_context()  # PUBLIC_BASE_URL says 127.0.0.1; a person may well type localhost
+    try:
+        page = context.new_page()
+        page.goto(service.url.replace("127.0.0.1", "localhost") + "/")
+        make(page, "[delay=4] a picture that outlasts the first answer")
+        expect(page.locator("#chain li")).to_have_count(1, timeout=15000)
+        with page.expect_download() as download:
+            page.get_by_role("link", name="Download this picture").click()
+        assert os.path.getsize(download.value.path()) > 0
+    finally:
+        context.close()
+
+
+def test_ctrl_enter_while_a_picture_is_made_starts_nothing_more(page, upstream):
+    page.get_by_label("What should the picture show").fill("[delay=1] only once please")
+    page.get_by_role("button", name="Make it").click()
+    page.get_by_label("What should the picture show").press("Control+Enter")
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=10000)
+    assert len([task for task in upstream.tasks.values() if "only once please" in task.params["prompt"]]) == 1
+
+
+def test_a_photo_chosen_while_a_picture_is_made_stays_for_the_next(page, photo):
+    make(page, "[delay=1.5] the first")
+    page.get_by_label("Choose a photo from your device").set_input_files(photo)
+    chosen_photo(page)
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=10000)
+    expect(page.locator("#chosen")).to_be_visible()
+
+
+def test_edit_this_one_replaces_a_chosen_photo(page, upstream, photo):
+    for count, prompt in enumerate(("a first", "a second"), start=1):
+        make(page, prompt)
+        expect(page.locator("#chain li")).to_have_count(count)
+    first = page.locator("#chain img").first.get_attribute("src")
+    page.get_by_label("Choose a photo from your device").set_input_files(photo)
+    chosen_photo(page)
+    page.get_by_role("button", name="Edit picture 1: a first").click()
+    expect(page.locator("#chosen")).to_be_hidden()
+    make(page, "from the first")
+    expect(page.locator("#chain li")).to_have_count(3)
+    assert sources_of_last_task(upstream) == [first]
