@@ -164,8 +164,8 @@ class Lifecycle:
         conversation = conversation_key(owner, wanted.user_id)
         remembered = None if wanted.reset else conversation  # reset: the remembered picture is not edited
         generation, used_previous = self.conversations.source(wanted, remembered, owner)
-        if self.uploads:
-            self.uploads.used(generation.image_urls)
+        if self.uploads:  # only images the caller named can be uploads: an edit's remembered picture never is
+            self.uploads.used(wanted.generation.image_urls)
         if wanted.reset and conversation:  # the copies go in the background: the caller waits for its picture
             self.conversations.forget(conversation, spare=generation.image_urls, wait=False)
         record, new = self.store.record_task(

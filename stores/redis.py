@@ -295,8 +295,6 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[1] + ARGV[2], ARGV[3])
 return last[1]
 """
-# KEYS: expiring (conversations by when they expire); ARGV: prefix, until, limit. Ends the conversations that
-# expire by `until` a little before Redis would, so that their pictures are known; returns those pictures.
 # Uploads whose time ran out, taken and forgotten in one step: each named to one process, once.
 _EXPIRE_UPLOADS = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
@@ -304,6 +302,8 @@ if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """
 
+# KEYS: expiring (conversations by when they expire); ARGV: prefix, until, limit. Ends the conversations that
+# expire by `until` a little before Redis would, so that their pictures are known; returns those pictures.
 _EXPIRE = """
 local dropped = {}
 for _, conversation in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))) do

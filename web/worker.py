@@ -41,13 +41,20 @@ log = logging.getLogger("nanobanana.edge")
 LINGER_SECONDS = 1.0  # after an error, read what the client still sends, so it gets the answer (no reset)
 
 
+def late(seconds: float) -> str:
+    return f"The request body did not arrive within {seconds:g} seconds. Please send it again, all at once."
+
+
 class BodyTimeout(RequestTimeout):
     """The body did not arrive in time: the app answers 408 (werkzeug would call an OSError a disconnect)."""
 
-    def __init__(self, seconds: float = BODY_TIMEOUT):
-        super().__init__(
-            f"The request body did not arrive within {seconds:g} seconds. Please send it again, all at once."
-        )
+    seconds = BODY_TIMEOUT
+    description = late(seconds)
+
+
+class UploadTimeout(BodyTimeout):
+    seconds = UPLOAD_BODY_TIMEOUT
+    description = late(seconds)
 
 
 class MalformedBody(BadRequest):
@@ -68,21 +75,21 @@ class BodyReader:
     gunicorn closes the connection after any of them, since where the next request starts is unknown.
     """
 
-    def __init__(self, reader, seconds: float = BODY_TIMEOUT, limit: int = MAX_BODY_BYTES):
+    def __init__(self, reader, timeout: type[BodyTimeout] = BodyTimeout, limit: int = MAX_BODY_BYTES):
         self.reader = reader
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
+        self.timeout = timeout  # the error when the body is late: a class, made only if it fires
+        self.deadline = time.monotonic() + timeout.seconds
         self.limit = limit
         self.read_so_far = 0
 
     def read(self, size):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise BodyTimeout(self.seconds)
+            raise self.timeout()
         # A read that reaches the limit asks for one byte more: if it comes, the body is too long.
         reaches_limit = size is not None and size >= 0 and self.read_so_far + size >= self.limit
         try:
-            with gevent.Timeout(remaining, BodyTimeout(self.seconds)):
+            with gevent.Timeout(remaining, self.timeout):
                 data = self.reader.read(size + 1 if reaches_limit else size)
         except errors.ParseException:
             raise MalformedBody() from None
@@ -111,10 +118,9 @@ class ServiceRequest(Request):
     def set_body_reader(self):
         super().set_body_reader()
         if self.path == UPLOAD_PATH:  # a picture: larger, and from a phone on a slow line perhaps
-            limit, seconds = self.upload_limit + UPLOAD_FORM_ROOM, UPLOAD_BODY_TIMEOUT
+            self.body.reader = BodyReader(self.body.reader, UploadTimeout, self.upload_limit + UPLOAD_FORM_ROOM)
         else:
-            limit, seconds = MAX_BODY_BYTES, BODY_TIMEOUT
-        self.body.reader = BodyReader(self.body.reader, seconds, limit)
+            self.body.reader = BodyReader(self.body.reader)
 
 
 class Worker(GeventWorker):
